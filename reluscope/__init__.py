@@ -1,0 +1,29 @@
+"""reluscope: is this trained network healthy? Dead, sparse and saturated ReLU units, ranges, gradients.
+
+Importing the package is cheap: torch and onnxruntime load only when an analysis runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["analyze", "Report", "__version__"]
+
+if TYPE_CHECKING:
+    from .report import Report
+
+
+def analyze(model: Any, data: Any = None, **options: Any) -> "Report":
+    """See `reluscope.api.analyze`."""
+    from .api import analyze as _analyze
+
+    return _analyze(model, data, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Report":
+        from .report import Report
+
+        return Report
+    raise AttributeError(name)

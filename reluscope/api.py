@@ -1,0 +1,186 @@
+"""The one place that wires loader -> capture -> statistics -> report."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .config import AnalyzeConfig
+from .errors import ModelRunError, ReluscopeError, UsageError
+from .report import Report, Thresholds, build_layer, build_summary
+
+SYNTHETIC_WARNING = ("no --data given: analysing synthetic normal inputs. Dead-unit and sparsity findings on random "
+                     "data say little about the trained model; pass real calibration data with --data")
+
+ProgressCallback = Callable[[int], None]
+
+
+def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: int = 64,
+            max_samples: int | None = None, input_shape: Any = None, unit_axis: int | None = None,
+            arch: str | None = None, trust_checkpoint: bool = False, rare_threshold: float = 0.01,
+            dormant_tau: float = 0.025, gradients: bool = False, loss: str | None = None,
+            progress: ProgressCallback | None = None, on_start: Callable[[int | None], None] | None = None) -> Report:
+    """Analyse every ReLU-family activation site of `model` on `data`.
+
+    `model` is an `nn.Module` (handed back as it came: mode, device, hooks), or a path to a
+    state_dict (with `arch`), TorchScript, torch.export or ONNX file. `data` is a tensor, an
+    array, a path (.npy/.npz/.pt/image folder), any iterable of batches, or None for
+    synthetic inputs of `input_shape` (per sample).
+    """
+    config = AnalyzeConfig(device=device, batch_size=batch_size, max_samples=max_samples,
+                           input_shape=tuple(input_shape) if input_shape is not None else None, unit_axis=unit_axis,
+                           arch=arch, trust_checkpoint=trust_checkpoint, rare_threshold=rare_threshold,
+                           dormant_tau=dormant_tau, gradients=gradients, loss=loss)
+    return run_analysis(model, data, config, progress=progress, on_start=on_start)
+
+
+def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: ProgressCallback | None = None,
+                 on_start: Callable[[int | None], None] | None = None) -> Report:
+    import torch
+
+    from . import data as data_sources
+    from .capture.recorder import SiteRecorder
+    from .loaders import LoadedModel, load_model
+
+    started = time.perf_counter()
+    if isinstance(model, (str, Path)):
+        loaded = load_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
+    elif isinstance(model, torch.nn.Module):
+        loaded = LoadedModel(model, "torchscript" if isinstance(model, torch.jit.ScriptModule) else "torch-module")
+    else:
+        raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")
+
+    source = data_sources.from_object(data, input_shape=config.input_shape)
+    report_warnings: list[str] = []
+    if source.synthetic:
+        report_warnings.append(SYNTHETIC_WARNING)
+    recorder = SiteRecorder(unit_axis=config.unit_axis)
+    onnx = loaded.format == "onnx"
+    dev = resolve_device(config.device, loaded.module if not onnx else None)
+    unanalysed: list[dict[str, str]] = []
+    samples = 0
+    if on_start is not None:
+        on_start(source.planned_samples(config.max_samples))
+    if onnx:
+        from .capture.onnx import OnnxCapture
+
+        capture: Any = OnnxCapture(loaded.module, recorder, device=str(dev), path=loaded.path)
+        with capture:
+            for batch in source.batches(config.batch_size, config.max_samples):
+                _forward(capture, batch.inputs, samples)
+                samples += batch.size
+                if progress is not None:
+                    progress(batch.size)
+        unanalysed.extend(capture.unanalysed)
+        report_warnings.extend(capture.warnings)
+    else:
+        with prepared_module(loaded.module, dev) as module:
+            capture = _torch_capture(loaded, module, recorder)
+            unanalysed.extend(getattr(capture, "unreachable", []))
+            with torch.inference_mode(), capture:
+                for batch in source.batches(config.batch_size, config.max_samples):
+                    inputs = _to_device(batch.inputs, dev)
+                    _forward(capture, inputs, samples)
+                    samples += batch.size
+                    if progress is not None:
+                        progress(batch.size)
+    if samples == 0:
+        raise ReluscopeError(f"calibration data {source.description} yielded no samples")
+    if len(recorder) == 0:
+        report_warnings.append("no ReLU-family activation was called during the forward pass; nothing to analyse")
+
+    thresholds = Thresholds(rare=config.rare_threshold, dormant_tau=config.dormant_tau)
+    layers = [build_layer(info, host, thresholds, hard_zero=act.hard_zero, upper=act.upper)
+              for info, act, host in recorder.host_view()]
+    return Report(
+        tool={"name": "reluscope", "version": __version__},
+        model={"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256},
+        data={"source": source.description, "samples": samples, "synthetic": source.synthetic},
+        run={"backend": "onnxruntime" if onnx else "torch", "device": str(dev),
+             "seconds": round(time.perf_counter() - started, 4),
+             "rare_threshold": config.rare_threshold, "dormant_tau": config.dormant_tau,
+             "batch_size": config.batch_size},
+        layers=layers,
+        summary=build_summary(layers),
+        warnings=report_warnings,
+        unanalysed=unanalysed,
+    )
+
+
+def _forward(capture: Any, inputs: Any, seen: int) -> None:
+    try:
+        capture.run(inputs)
+    except ReluscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own code raised
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in inputs.items()) if isinstance(inputs, dict) else \
+            ", ".join(str(tuple(getattr(v, "shape", ()))) for v in inputs)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRunError(f"the model's forward pass failed on the batch starting at sample {seen} "
+                            f"(input shape {shapes}): {message}. Check that --data or --input-shape matches "
+                            "what the model expects") from exc
+
+
+def resolve_device(requested: str, module: Any = None) -> Any:
+    import torch
+
+    requested = requested.lower()
+    if requested == "auto":
+        if module is not None and isinstance(module, torch.nn.Module):
+            param = next(iter(module.parameters()), None)
+            if param is not None and param.device.type != "cpu":
+                return param.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: no CUDA GPU is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+@contextlib.contextmanager
+def prepared_module(module: Any, device: Any) -> Iterator[Any]:
+    """Eval mode on the analysis device; afterwards every module's train flag and the device are restored."""
+    training = {m: m.training for m in module.modules()}
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    original_device = first.device if first is not None else None
+    moved = original_device is not None and original_device != device
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(NotImplementedError):  # exported GraphModules refuse .eval() in some versions
+                module.eval()
+        if moved:
+            module.to(device)
+        yield module
+    finally:
+        if moved:
+            module.to(original_device)
+        for sub, flag in training.items():
+            sub.training = flag
+
+
+def _torch_capture(loaded: Any, module: Any, recorder: Any) -> Any:
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        from .capture.torchscript import ScriptCapture
+
+        return ScriptCapture(module, recorder)
+    from .capture.torch import TorchCapture
+
+    return TorchCapture(module, recorder, plan=loaded.export_plan)
+
+
+def _to_device(inputs: Any, device: Any) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return tuple(v.to(device, non_blocking=True) for v in inputs)

@@ -1,0 +1,1 @@
+"""Capture routes: each one feeds (site, tensor) pairs into a SiteRecorder."""

@@ -1,0 +1,95 @@
+"""Collects the sites one forward pass calls, in order of first call, and their statistics.
+
+Every capture route (eager mode, torch.export graphs, TorchScript graphs, onnxruntime)
+reports each activation call here; the recorder names sites, fixes their unit axis on first
+sight and reduces each tensor into its SiteStats at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..report import SiteInfo
+from ..sites import Activation
+from ..stats import SiteStats
+
+# How a producing layer lays out units: "channel" (axis 1 of a batch, conv outputs) or
+# "last" (linear/matmul outputs).
+CHANNEL = "channel"
+LAST = "last"
+
+
+@dataclass
+class _Site:
+    base: str
+    call: int
+    activation: Activation
+    stats: SiteStats
+    tensor: str | None
+
+
+def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None) -> int:
+    """Per-sample unit axis from the producer's layout, an explicit override, or the tensor rank."""
+    if sample_ndim == 0:
+        return 0
+    if override is not None:
+        axis = override if override >= 0 else sample_ndim + override
+        if not 0 <= axis < sample_ndim:
+            from ..errors import UsageError
+
+            raise UsageError(
+                f"--unit-axis {override} is out of range for a site whose per-sample shape has {sample_ndim} axes"
+            )
+        return axis
+    if layout == CHANNEL:
+        return 0
+    if layout == LAST:
+        return sample_ndim - 1
+    # No producer seen (e.g. an activation on a model input): channel-first for image-like
+    # ranks (C,H,W / C,D,H,W), the last axis otherwise.
+    return 0 if sample_ndim >= 3 else sample_ndim - 1
+
+
+class SiteRecorder:
+    def __init__(self, unit_axis: int | None = None) -> None:
+        self.unit_axis_override = unit_axis
+        self._sites: dict[tuple[str, int], _Site] = {}
+        self._calls: dict[str, int] = {}
+
+    def begin_forward(self) -> None:
+        """Call counters restart with each forward pass: the k-th call of a module is site k."""
+        self._calls.clear()
+
+    def record(self, base: str, activation: Activation, output: torch.Tensor, inp: torch.Tensor | None = None,
+               layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
+               batched: bool = True) -> None:
+        call = self._calls.get(base, 0)
+        self._calls[base] = call + 1
+        site = self._sites.get((base, call))
+        if site is None:
+            shape = tuple(output.shape[1:] if batched else output.shape)
+            axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
+                resolve_unit_axis(len(shape), layout, self.unit_axis_override)
+            stats = SiteStats(activation, shape, axis, output.device)
+            site = _Site(base, call, activation, stats, tensor)
+            self._sites[(base, call)] = site
+        site.stats.update(output, inp)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def sites(self) -> list[tuple[SiteInfo, Activation, SiteStats]]:
+        """Sites in order of first call, named `base` or `base#k` when a base is called more than once."""
+        multi = {base for (base, call) in self._sites if call > 0}
+        out = []
+        for site in self._sites.values():
+            name = f"{site.base}#{site.call}" if site.base in multi else site.base
+            info = SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor)
+            out.append((info, site.activation, site.stats))
+        return out
+
+    def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
+        return [(info, act, stats.to_host()) for info, act, stats in self.sites()]

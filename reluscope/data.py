@@ -1,0 +1,295 @@
+"""Calibration data sources: arrays, .npy/.npz/.pt files, image folders, synthetic inputs,
+or any iterable of batches. Each yields `Batch`es lazily; nothing holds the whole dataset
+in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError, UsageError
+
+INPUT_KEYS = ("x", "inputs", "input", "data")
+LABEL_KEYS = ("y", "labels", "label", "targets")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SYNTHETIC_SAMPLES = 256
+
+
+@dataclass
+class Batch:
+    inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+    labels: torch.Tensor | None
+    size: int
+
+
+@dataclass
+class DataSource:
+    """A description plus a way to iterate batches; `samples` is None when unknown (generators)."""
+
+    description: str
+    synthetic: bool
+    samples: int | None
+    arrays: tuple[Any, ...] | dict[str, Any] | None = None  # indexable inputs
+    labels: Any = None
+    iterable: Iterable[Any] | None = None
+
+    def batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
+        if batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.iterable is not None:
+            yield from _from_iterable(self.iterable, max_samples)
+            return
+        total = self.samples or 0
+        if max_samples is not None:
+            total = min(total, max_samples)
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            if isinstance(self.arrays, dict):
+                inputs: Any = {k: _to_tensor(v[start:stop], k) for k, v in self.arrays.items()}
+            else:
+                inputs = tuple(_to_tensor(a[start:stop], "input") for a in self.arrays or ())
+            labels = None if self.labels is None else _to_tensor(self.labels[start:stop], "labels", keep_int=True)
+            yield Batch(inputs, labels, stop - start)
+
+    def planned_samples(self, max_samples: int | None) -> int | None:
+        if self.samples is None:
+            return max_samples
+        return self.samples if max_samples is None else min(self.samples, max_samples)
+
+
+def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        array = np.asarray(value)
+        if array.dtype == object or array.dtype.kind not in "biuf":
+            raise InputError(f"calibration {what} has dtype {array.dtype}; give numeric arrays")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dtype == torch.float64:
+        tensor = tensor.float()  # numpy's default is float64; models are float32
+    if tensor.dtype == torch.bool and not keep_int:
+        tensor = tensor.float()
+    return tensor
+
+
+def _as_batch(item: Any) -> Batch:
+    labels = None
+    if isinstance(item, Mapping):
+        item = dict(item)
+        for key in LABEL_KEYS:
+            if key in item:
+                labels = _to_tensor(item.pop(key), "labels", keep_int=True)
+                break
+        if len(item) == 1 or any(k in item for k in INPUT_KEYS):
+            key = next((k for k in INPUT_KEYS if k in item), next(iter(item)))
+            inputs: Any = (_to_tensor(item[key], "input"),)
+        else:
+            inputs = {k: _to_tensor(v, k) for k, v in item.items()}
+    elif isinstance(item, (tuple, list)):
+        tensors = [_to_tensor(v, "input") for v in item]
+        if len(tensors) == 2 and _looks_like_labels(tensors[1], tensors[0]):
+            inputs, labels = (tensors[0],), tensors[1]
+        else:
+            inputs = tuple(tensors)
+    else:
+        inputs = (_to_tensor(item, "input"),)
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    size = first.shape[0] if first.dim() else 1
+    return Batch(inputs, labels, size)
+
+
+def _looks_like_labels(candidate: torch.Tensor, inputs: torch.Tensor) -> bool:
+    return (candidate.dim() == 1 and not candidate.is_floating_point() and inputs.dim() > 0
+            and candidate.shape[0] == inputs.shape[0])
+
+
+def _from_iterable(iterable: Iterable[Any], max_samples: int | None) -> Iterator[Batch]:
+    seen = 0
+    for item in iterable:
+        batch = _as_batch(item)
+        if max_samples is not None and seen + batch.size > max_samples:
+            keep = max_samples - seen
+            if keep <= 0:
+                return
+            batch = _truncate(batch, keep)
+        seen += batch.size
+        yield batch
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
+def _truncate(batch: Batch, keep: int) -> Batch:
+    if isinstance(batch.inputs, dict):
+        inputs: Any = {k: v[:keep] for k, v in batch.inputs.items()}
+    else:
+        inputs = tuple(v[:keep] for v in batch.inputs)
+    return Batch(inputs, None if batch.labels is None else batch.labels[:keep], keep)
+
+
+# ---------------------------------------------------------------------------- sources
+def from_object(data: Any, *, input_shape: Sequence[int] | None = None) -> DataSource:
+    """The API's `data` argument: None (synthetic), a path, a tensor/array, or an iterable of batches."""
+    if data is None:
+        return synthetic(input_shape)
+    if isinstance(data, (str, Path)):
+        return from_path(Path(data), input_shape=input_shape)
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        if data.ndim == 0:
+            raise InputError("calibration data is a scalar; give a batch with the sample axis first")
+        return DataSource("in-memory array", False, int(data.shape[0]), arrays=(data,))
+    if isinstance(data, Mapping):
+        return _from_mapping(dict(data), "in-memory mapping")
+    if isinstance(data, Iterable):
+        return DataSource("iterable of batches", False, None, iterable=data)
+    raise UsageError(f"data must be a path, an array, a tensor or an iterable of batches, not {type(data).__name__}")
+
+
+def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSource:
+    if not path.exists():
+        raise InputError(f"calibration data not found: {path}")
+    if path.is_dir():
+        return image_folder(path, input_shape)
+    if path.stat().st_size == 0:
+        raise InputError(f"calibration data file is empty: {path}")
+    suffix = path.suffix.lower()
+    with path.open("rb") as handle:
+        head = handle.read(6)
+    try:
+        if head.startswith(b"\x93NUMPY"):
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return _checked(DataSource(str(path), False, int(array.shape[0]) if array.ndim else 0, arrays=(array,)))
+        if head.startswith(b"PK") and suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return _from_mapping({k: archive[k] for k in archive.files}, str(path))
+        if head.startswith(b"PK") or head[:1] == b"\x80":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return _from_torch_object(obj, str(path))
+    except (InputError, UsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zip/pickle raise many types for damaged files
+        raise InputError(f"cannot read calibration data {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    raise InputError(f"calibration data {path} is not .npy, .npz, a torch.save file or a folder of images")
+
+
+def _checked(source: DataSource) -> DataSource:
+    if not source.samples:
+        raise InputError(f"calibration data {source.description} holds no samples")
+    return source
+
+
+def _from_mapping(mapping: dict[str, Any], description: str) -> DataSource:
+    labels = None
+    for key in LABEL_KEYS:
+        if key in mapping:
+            labels = mapping.pop(key)
+            break
+    if not mapping:
+        raise InputError(f"{description} holds labels but no inputs (expected a key {' or '.join(INPUT_KEYS[:2])})")
+    key = next((k for k in INPUT_KEYS if k in mapping), None)
+    arrays: Any = (mapping[key],) if key is not None else (
+        (next(iter(mapping.values())),) if len(mapping) == 1 else dict(mapping))
+    first = arrays[0] if isinstance(arrays, tuple) else next(iter(arrays.values()))
+    samples = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
+    values = arrays if isinstance(arrays, tuple) else tuple(arrays.values())
+    for value in values:
+        if getattr(value, "ndim", 0) == 0 or int(value.shape[0]) != samples:
+            raise InputError(f"{description}: input arrays disagree on the number of samples "
+                             f"({', '.join(str(tuple(getattr(v, 'shape', ()))) for v in values)})")
+    if labels is not None and (getattr(labels, "ndim", 0) == 0 or int(labels.shape[0]) != samples):
+        raise InputError(f"{description}: {samples} inputs but labels of shape {tuple(getattr(labels, 'shape', ()))}; "
+                         "labels need one entry per sample")
+    return _checked(DataSource(description, False, samples, arrays=arrays, labels=labels))
+
+
+def _from_torch_object(obj: Any, description: str) -> DataSource:
+    if isinstance(obj, torch.Tensor):
+        return _checked(DataSource(description, False, int(obj.shape[0]) if obj.dim() else 0, arrays=(obj,)))
+    if isinstance(obj, Mapping):
+        return _from_mapping(dict(obj), description)
+    if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        tensors = list(obj)
+        if len(tensors) == 2 and _looks_like_labels(tensors[1], tensors[0]):
+            return _from_mapping({"x": tensors[0], "y": tensors[1]}, description)
+        return _checked(DataSource(description, False, int(tensors[0].shape[0]) if tensors[0].dim() else 0,
+                                   arrays=tuple(tensors)))
+    raise InputError(f"{description} holds a {type(obj).__name__}; expected a tensor, a tuple or a dict of tensors")
+
+
+def image_folder(path: Path, input_shape: Sequence[int] | None) -> DataSource:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if input_shape is None or len(input_shape) != 3:
+        raise UsageError("a folder of images needs --input-shape C,H,W (e.g. 3,224,224) to resize them")
+    channels, height, width = input_shape
+    if channels not in (1, 3):
+        raise UsageError(f"--input-shape for images needs 1 or 3 channels, not {channels}")
+    return DataSource(str(path), False, len(files), arrays=(_ImageStack(files, channels, height, width),))
+
+
+class _ImageStack:
+    """Decodes images on slicing, so a folder streams batch by batch."""
+
+    def __init__(self, files: list[Path], channels: int, height: int, width: int) -> None:
+        self.files, self.channels, self.height, self.width = files, channels, height, width
+        self.shape = (len(files), channels, height, width)
+        self.ndim = 4
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        out = []
+        for file in self.files[index]:
+            try:
+                with Image.open(file) as image:
+                    image = image.convert("L" if self.channels == 1 else "RGB").resize((self.width, self.height))
+                    array = np.asarray(image, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as exc:
+                raise InputError(f"cannot decode image {file}: {exc}") from exc
+            out.append(array[None] if self.channels == 1 else array.transpose(2, 0, 1))
+        return np.stack(out)
+
+
+def synthetic(input_shape: Sequence[int] | None, samples: int = SYNTHETIC_SAMPLES, seed: int = 0) -> DataSource:
+    if not input_shape:
+        raise UsageError("no --data given: pass --data FILE, or --input-shape (e.g. 3,224,224) for synthetic inputs")
+    shape = tuple(int(d) for d in input_shape)
+    if any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape {','.join(map(str, shape))} has a non-positive dimension")
+    return DataSource(f"synthetic normal({','.join(map(str, shape))})", True, samples,
+                      arrays=(_SyntheticStack(shape, samples, seed),))
+
+
+class _SyntheticStack:
+    """Standard normal inputs generated per slice from a fixed seed (reproducible, never all in memory)."""
+
+    def __init__(self, shape: tuple[int, ...], samples: int, seed: int) -> None:
+        self.sample_shape, self.seed = shape, seed
+        self.shape = (samples, *shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, _ = index.indices(self.shape[0])
+        generator = torch.Generator().manual_seed(self.seed + start)
+        return torch.randn((stop - start, *self.sample_shape), generator=generator)
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError as exc:
+        raise UsageError(f"--input-shape {text!r} must be comma-separated integers, e.g. 3,224,224") from exc
+    if not shape or any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
+    return shape
+
+
+def count_batches(samples: int | None, batch_size: int) -> int | None:
+    return None if samples is None else math.ceil(samples / batch_size)

@@ -1,0 +1,163 @@
+"""PyTorch formats: state_dict + architecture factory, TorchScript, torch.export, pickled module.
+
+Everything loads with `weights_only=True` unless the user passed --trust-checkpoint: a
+checkpoint that needs pickled code is refused before any of that code can run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsafeCheckpointError, UsageError
+from . import LoadedModel
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+
+
+def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: bool) -> LoadedModel:
+    if kind == "torchscript":
+        return _load_torchscript(path)
+    if kind == "torch-export":
+        return _load_export(path)
+    return _load_checkpoint(path, arch=arch, trust_checkpoint=trust_checkpoint)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError for every kind of damage
+        raise InputError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from exc
+    return LoadedModel(module, "torchscript")
+
+
+def _load_export(path: Path) -> LoadedModel:
+    from ..capture.torch import export_site_plan
+
+    try:
+        program = torch.export.load(str(path))
+        module = program.module()
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot load torch.export archive {path}: {_first_line(exc)}") from exc
+    return LoadedModel(module, "torch-export", export_plan=export_site_plan(module))
+
+
+def _load_checkpoint(path: Path, *, arch: str | None, trust_checkpoint: bool) -> LoadedModel:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_checkpoint:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it holds pickled Python objects beyond weights (e.g. a whole nn.Module), "
+                "and unpickling them runs code from the file. Pass --trust-checkpoint only if you trust its source, "
+                "or save a state_dict and pass --arch"
+            ) from exc
+        obj = _load_trusted(path)
+    except Exception as exc:  # noqa: BLE001 - truncated zips, wrong magic numbers...
+        raise InputError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, "torch-pickle")
+    state_dict = find_state_dict(obj)
+    if state_dict is None:
+        raise InputError(f"{path} holds a {type(obj).__name__} with no state_dict (a mapping of names to tensors) "
+                         "in it; save model.state_dict() or the whole model")
+    if arch is None:
+        raise UsageError(f"{path} is a state_dict: pass --arch FILE.py:FACTORY (or package.module:FACTORY) "
+                         "naming a function that builds the untrained model")
+    model = build_from_factory(arch)
+    _load_weights(model, state_dict, path)
+    return LoadedModel(model, "torch-state-dict")
+
+
+def _load_trusted(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot unpickle {path} even with --trust-checkpoint: {_first_line(exc)} "
+                         "(is the module that defines the model's class importable?)") from exc
+
+
+def find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """A mapping of names to tensors, at the top level or nested under a usual key."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            if key in obj:
+                found = find_state_dict(obj[key])
+                if found is not None:
+                    return found
+    return None
+
+
+def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    keys = list(state_dict)
+    if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel/DDP
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    result = model.load_state_dict(state_dict, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:5])}" + (" ..." if len(result.missing_keys) > 5 else ""))
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}"
+                        + (" ..." if len(result.unexpected_keys) > 5 else ""))
+    if problems:
+        raise InputError(f"the weights in {path} do not fit the --arch model ({'; '.join(problems)}): "
+                         "check that --arch builds the same architecture")
+
+
+def resolve_factory(spec: str) -> Callable[[], nn.Module]:
+    """'path/to/file.py:factory' or 'package.module:factory' -> the callable."""
+    if ":" not in spec:
+        raise UsageError(f"--arch {spec!r} must look like FILE.py:FACTORY or package.module:FACTORY")
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UsageError(f"--arch {spec!r} must look like FILE.py:FACTORY or package.module:FACTORY")
+    if target.endswith(".py") or "/" in target or Path(target).exists():
+        file = Path(target)
+        if not file.is_file():
+            raise UsageError(f"--arch file not found: {file}")
+        module_name = f"reluscope_arch_{abs(hash(str(file.resolve())))}"
+        spec_obj = importlib.util.spec_from_file_location(module_name, file)
+        if spec_obj is None or spec_obj.loader is None:
+            raise UsageError(f"--arch file {file} cannot be imported as Python")
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[module_name] = module  # lets dataclasses/pickle inside the file find their module
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - user code
+            sys.modules.pop(module_name, None)
+            raise UsageError(f"importing --arch file {file} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot import --arch module {target!r}: {_first_line(exc)}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise UsageError(f"--arch: {target} has no callable {attr!r} (callables there: {', '.join(available[:10])})")
+    return factory
+
+
+def build_from_factory(spec: str) -> nn.Module:
+    factory = resolve_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise UsageError(f"--arch factory {spec} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--arch factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,134 @@
+"""The ReLU-family table: which calls are activation sites and how to measure them.
+
+Shared by every capture route (eager TorchFunctionMode, torch.export graphs, TorchScript
+graphs), so that one model gives the same sites whichever format it was saved in.
+Classification works on an op *name* plus its arguments, so it serves Python callables
+(`F.relu`, `Tensor.relu_`), aten overloads (`aten.relu.default`) and TorchScript node
+kinds (`aten::relu`) alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What a site computes, as far as the statistics care."""
+
+    op: str  # report label: relu, relu6, clamp, leaky_relu, prelu, elu, selu, celu, gelu, silu, hardswish, mish
+    hard_zero: bool  # True when every inactive output is exactly 0 (ReLU, ReLU6, clamp(min=0))
+    upper: float | None = None  # saturation bound (ReLU6's 6, clamp's max)
+    active_from_input: bool = False  # PReLU: a negative slope can make outputs of negative inputs positive
+    inplace: bool = False
+
+    @property
+    def has_dormant_score(self) -> bool:
+        """The tau-dormant score is reported for activations with no hard zero."""
+        return not self.hard_zero
+
+
+# Position of the `inplace` argument in the functional signatures (F.relu(input, inplace), ...).
+_INPLACE_ARG = {
+    "relu": 1,
+    "relu6": 1,
+    "hardtanh": 3,
+    "leaky_relu": 2,
+    "elu": 2,
+    "celu": 2,
+    "selu": 1,
+    "silu": 1,
+    "hardswish": 1,
+    "mish": 1,
+}
+
+_SMOOTH = {"leaky_relu", "elu", "selu", "celu", "gelu", "silu", "hardswish", "mish"}
+
+# Ops that keep the unit layout of their input: an activation after them has the same unit
+# axis as the layer that produced their input (BatchNorm after a conv, a bias add, dropout).
+PASSTHROUGH_OPS = frozenset(
+    {
+        "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__isub__",
+        "mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__",
+        "batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+        "native_batch_norm", "instance_norm", "group_norm", "layer_norm", "native_layer_norm",
+        "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout2d", "dropout3d",
+        "clone", "contiguous", "detach", "to", "_to_copy", "neg", "__neg__",
+    }
+)
+
+# Layers whose output carries units on the channel axis (1) or on the last axis.
+CHANNEL_PRODUCERS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+     "convolution", "_convolution", "conv_tbc"}
+)
+LAST_AXIS_PRODUCERS = frozenset(
+    {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "bilinear"}
+)
+
+
+def normalize_op_name(name: str) -> str:
+    """'aten::relu_' / 'aten.relu_.default' / 'relu_' -> 'relu_'."""
+    if "::" in name:
+        name = name.split("::", 1)[1]
+    return name
+
+
+def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, key: str, default: Any) -> Any:
+    if key in kwargs:
+        return kwargs[key]
+    if len(args) > index:
+        return args[index]
+    return default
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Activation | None:
+    """Return the Activation for a call of op `name`, or None when it is not a ReLU-family site.
+
+    `args`/`kwargs` are the call's arguments (tensors may be anything: only scalars are read).
+    """
+    kwargs = kwargs or {}
+    name = normalize_op_name(name)
+    trailing_inplace = name.endswith("_") and not name.endswith("__")
+    base = name[:-1] if trailing_inplace else name
+    if base in _INPLACE_ARG:
+        flag = _arg(args, kwargs, _INPLACE_ARG[base], "inplace", False)
+        inplace = trailing_inplace or flag is True
+    else:
+        inplace = trailing_inplace
+
+    if base == "relu":
+        return Activation("relu", hard_zero=True, inplace=inplace)
+    if base == "relu6":
+        return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
+    if base == "hardtanh":
+        low = _arg(args, kwargs, 1, "min_val", -1.0)
+        high = _arg(args, kwargs, 2, "max_val", 1.0)
+        if not _is_zero(low):
+            return None
+        op = "relu6" if high == 6 else "clamp"
+        return Activation(op, hard_zero=True, upper=float(high), inplace=inplace)
+    if base in ("clamp", "clip", "clamp_min"):
+        low = _arg(args, kwargs, 1, "min", None)
+        high = None if base == "clamp_min" else _arg(args, kwargs, 2, "max", None)
+        if not _is_zero(low):
+            return None
+        if high is not None and not isinstance(high, (int, float)):
+            return None  # a tensor bound: not a fixed saturation level
+        if high == 6:
+            return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
+        return Activation("clamp", hard_zero=True, upper=None if high is None else float(high), inplace=inplace)
+    if base in ("prelu", "_prelu_kernel"):
+        return Activation("prelu", hard_zero=False, active_from_input=True, inplace=False)
+    if base in _SMOOTH:
+        return Activation(base, hard_zero=False, inplace=inplace)
+    return None
+
+
+SUPPORTED_OPS = ("relu", "relu6", "clamp", "leaky_relu", "prelu", "elu", "selu", "celu", "gelu", "silu",
+                 "hardswish", "mish")
