@@ -68,6 +68,14 @@ LAST_AXIS_PRODUCERS = frozenset(
 )
 
 
+def functional_site_name(enclosing: str, op: str) -> str:
+    """Name of a functional call (F.relu, torch.relu, x.relu_()) made in `enclosing`'s forward.
+
+    The "()" keeps it apart from a child module that happens to be called `relu`.
+    """
+    return f"{enclosing}.{op}()" if enclosing else f"{op}()"
+
+
 def normalize_op_name(name: str) -> str:
     """'aten::relu_' / 'aten.relu_.default' / 'relu_' -> 'relu_'."""
     if "::" in name:

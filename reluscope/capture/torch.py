@@ -85,7 +85,7 @@ def export_site_plan(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]
         if type_name in _ACTIVATION_TYPE_NAMES and path:
             plan.append((path, act.op))
         else:
-            plan.append((f"{path}.{act.op}" if path else act.op, act.op))
+            plan.append((table.functional_site_name(path, act.op), act.op))
     return plan
 
 
@@ -163,8 +163,8 @@ class TorchCapture:
                 continue  # a module outside the analysed model
             if isinstance(module, ACTIVATION_MODULES) and name:
                 return name
-            return f"{name}.{act.op}" if name else act.op
-        return act.op
+            return table.functional_site_name(name, act.op)
+        return table.functional_site_name("", act.op)
 
     def on_activation(self, act: table.Activation, out: torch.Tensor, inp: torch.Tensor | None,
                       layout: str | None) -> None:

@@ -46,7 +46,7 @@ def _base_name(node: torch._C.Node, op: str) -> str:
     name = ".".join(path)
     if name and last_type in _ACTIVATION_TYPES:
         return name
-    return f"{name}.{op}" if name else op
+    return table.functional_site_name(name, op)
 
 
 def _layout(value: torch._C.Value, depth: int = 0) -> str | None:

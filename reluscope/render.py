@@ -1,0 +1,109 @@
+"""Rendering a report for people (Rich table) and machines (JSON). No analysis happens here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+WORST_SHOWN = 3
+
+
+def _fmt_range(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e4 or abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.4g}"
+
+
+def _units_cell(units: list[int], total: int) -> str:
+    if not units:
+        return "0"
+    return f"{len(units)} ({100 * len(units) / total:.0f}%)" if total else str(len(units))
+
+
+def worst_sites(layers: list[dict[str, Any]], count: int = WORST_SHOWN) -> list[str]:
+    """Sites with the largest dead share (then zero fraction): what a person should look at first."""
+    ranked = sorted((l for l in layers if l["dead_units"]), key=lambda l: (-l["dead_fraction"], -l["zero_fraction"]))
+    return [l["name"] for l in ranked[:count]]
+
+
+def layers_table(report: dict[str, Any]) -> Table:
+    layers = report["layers"]
+    worst = set(worst_sites(layers))
+    show_saturation = any(l.get("saturated_fraction") is not None for l in layers)
+    show_dormant = any(l["dormant_units"] for l in layers)
+    show_gradient = any("gradient" in l for l in layers)
+    table = Table(title=f"reluscope: {report['model'].get('path') or 'model'}", title_justify="left",
+                  show_lines=False, header_style="bold")
+    table.add_column("site", overflow="fold")
+    table.add_column("op")
+    table.add_column("units", justify="right")
+    table.add_column("zero %", justify="right")
+    table.add_column("dead", justify="right")
+    table.add_column("rarely active", justify="right")
+    if show_dormant:
+        table.add_column("dormant", justify="right")
+    if show_saturation:
+        table.add_column("sat. %", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    if show_gradient:
+        table.add_column("grad rms", justify="right")
+    for layer in layers:
+        units = layer["units"]
+        dead = _units_cell(layer["dead_units"], units)
+        style = "bold red" if layer["name"] in worst else ("red" if layer["dead_units"] else None)
+        row = [
+            layer["name"], layer["op"], str(units), f"{100 * layer['zero_fraction']:.1f}",
+            Text(dead, style="red" if layer["dead_units"] else ""),
+            _units_cell(layer["rarely_active_units"], units),
+        ]
+        if show_dormant:
+            row.append(_units_cell(layer["dormant_units"], units))
+        if show_saturation:
+            sat = layer.get("saturated_fraction")
+            row.append("-" if sat is None else f"{100 * sat:.1f}")
+        row += [_fmt_range(layer["min"]), _fmt_range(layer["max"])]
+        if show_gradient:
+            row.append(_fmt_range((layer.get("gradient") or {}).get("rms")))
+        table.add_row(*row, style=style)
+    return table
+
+
+def summary_text(report: dict[str, Any]) -> Text:
+    s = report["summary"]
+    text = Text()
+    text.append(f"{s['layers']} sites, {s['units']} units: ")
+    text.append(f"{s['dead_units']} dead ({100 * s['dead_fraction']:.1f}%)",
+                style="bold red" if s["dead_units"] else "green")
+    text.append(f", {s['rarely_active_units']} rarely active, mean zero fraction {100 * s['mean_zero_fraction']:.1f}%")
+    if s.get("nonfinite"):
+        text.append(f", {s['nonfinite']} NaN/Inf outputs", style="bold red")
+    data = report["data"]
+    text.append(f"  [{data['samples']} samples, {report['run']['backend']} on {report['run']['device']}, "
+                f"{report['run']['seconds']:.2f} s]", style="dim")
+    worst = worst_sites(report["layers"])
+    if worst:
+        text.append("\nworst: ", style="bold")
+        text.append(", ".join(worst), style="bold red")
+    for item in report.get("unanalysed", []):
+        text.append(f"\nnot analysed: {item['name']} ({item['reason']})", style="yellow")
+    return text
+
+
+def table_renderable(report: dict[str, Any]) -> Group:
+    return Group(layers_table(report), summary_text(report))
+
+
+def render_table(report: dict[str, Any], width: int | None = None, color: bool = True) -> str:
+    """The table as text (for -o FILE, or for tests)."""
+    console = Console(record=True, width=width or 120, force_terminal=color, no_color=not color,
+                      file=open("/dev/null", "w"))  # noqa: SIM115 - record-only console
+    console.print(table_renderable(report))
+    return console.export_text(styles=color)
