@@ -16,6 +16,9 @@ from .report import Report, Thresholds, build_layer, build_summary
 SYNTHETIC_WARNING = ("no --data given: analysing synthetic normal inputs. Dead-unit and sparsity findings on random "
                      "data say little about the trained model; pass real calibration data with --data")
 
+ONNX_GRADIENTS = ("gradient flow needs the PyTorch model: ONNX graphs are analysed with onnxruntime, which has no "
+                  "backward pass; analyse the .pt/.pt2/TorchScript file with --gradients")
+
 ProgressCallback = Callable[[int], None]
 
 
@@ -58,8 +61,13 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     report_warnings: list[str] = []
     if source.synthetic:
         report_warnings.append(SYNTHETIC_WARNING)
-    recorder = SiteRecorder(unit_axis=config.unit_axis)
     onnx = loaded.format == "onnx"
+    measure_gradients = config.gradients and not onnx
+    recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=measure_gradients)
+    gradient_flow: dict[str, Any] | None = None
+    if config.gradients and onnx:
+        gradient_flow = {"available": False, "reason": ONNX_GRADIENTS}
+        report_warnings.append(ONNX_GRADIENTS)
     dev = resolve_device(config.device, loaded.module if not onnx else None)
     unanalysed: list[dict[str, str]] = []
     samples = 0
@@ -78,16 +86,28 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         unanalysed.extend(capture.unanalysed)
         report_warnings.extend(capture.warnings)
     else:
+        from .gradients import ParameterGradients, trainable
+
         with prepared_module(loaded.module, dev) as module:
             capture = _torch_capture(loaded, module, recorder)
             unanalysed.extend(getattr(capture, "unreachable", []))
-            with torch.inference_mode(), capture:
+            named = capture.named_parameters() if hasattr(capture, "named_parameters") else \
+                list(module.named_parameters())
+            grad_context = trainable(named) if measure_gradients else contextlib.nullcontext(named)
+            with grad_context as floating, (torch.enable_grad() if measure_gradients else torch.inference_mode()), \
+                    capture:
+                parameter_grads = ParameterGradients.of(floating, dev) if measure_gradients else None
                 for batch in source.batches(config.batch_size, config.max_samples):
                     inputs = _to_device(batch.inputs, dev)
-                    _forward(capture, inputs, samples)
+                    output = _forward(capture, inputs, samples)
+                    if parameter_grads is not None:
+                        parameter_grads.step(output, batch.labels, config.loss)
+                    del output  # releases this batch's autograd graph before the next forward
                     samples += batch.size
                     if progress is not None:
                         progress(batch.size)
+            if parameter_grads is not None and samples:
+                gradient_flow = {"available": True, **parameter_grads.to_dict()}
     if samples == 0:
         raise ReluscopeError(f"calibration data {source.description} yielded no samples")
     if len(recorder) == 0:
@@ -96,6 +116,9 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     thresholds = Thresholds(rare=config.rare_threshold, dormant_tau=config.dormant_tau)
     layers = [build_layer(info, host, thresholds, hard_zero=act.hard_zero, upper=act.upper)
               for info, act, host in recorder.host_view()]
+    for layer, gradient in zip(layers, recorder.gradient_view()):
+        if gradient is not None:
+            layer["gradient"] = gradient
     return Report(
         tool={"name": "reluscope", "version": __version__},
         model={"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256},
@@ -108,12 +131,13 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         summary=build_summary(layers),
         warnings=report_warnings,
         unanalysed=unanalysed,
+        gradient_flow=gradient_flow,
     )
 
 
-def _forward(capture: Any, inputs: Any, seen: int) -> None:
+def _forward(capture: Any, inputs: Any, seen: int) -> Any:
     try:
-        capture.run(inputs)
+        return capture.run(inputs)
     except ReluscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own code raised

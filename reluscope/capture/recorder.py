@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..gradients import SiteGradStats
 from ..report import SiteInfo
 from ..sites import Activation
 from ..stats import SiteStats
@@ -29,6 +30,7 @@ class _Site:
     activation: Activation
     stats: SiteStats
     tensor: str | None
+    grad: SiteGradStats | None = None
 
 
 def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None) -> int:
@@ -54,8 +56,9 @@ def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None
 
 
 class SiteRecorder:
-    def __init__(self, unit_axis: int | None = None) -> None:
+    def __init__(self, unit_axis: int | None = None, gradients: bool = False) -> None:
         self.unit_axis_override = unit_axis
+        self.gradients = gradients
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
 
@@ -74,9 +77,14 @@ class SiteRecorder:
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
             stats = SiteStats(activation, shape, axis, output.device)
-            site = _Site(base, call, activation, stats, tensor)
+            grad = SiteGradStats.on(output.device) if self.gradients else None
+            site = _Site(base, call, activation, stats, tensor, grad)
             self._sites[(base, call)] = site
         site.stats.update(output, inp)
+        if site.grad is not None and output.requires_grad:
+            # Fires during the backward pass with d(loss)/d(this output); in-place successors
+            # do not affect it (the hook binds to the autograd node of this version).
+            output.register_hook(site.grad.update)
 
     def __len__(self) -> int:
         return len(self._sites)
@@ -93,3 +101,7 @@ class SiteRecorder:
 
     def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
         return [(info, act, stats.to_host()) for info, act, stats in self.sites()]
+
+    def gradient_view(self) -> list[dict[str, Any] | None]:
+        """Per site, in the order of `sites()`: {"rms", "zero_fraction"} or None without --gradients."""
+        return [None if site.grad is None else site.grad.to_dict() for site in self._sites.values()]

@@ -77,8 +77,11 @@ class ScriptCapture:
     def __init__(self, module: torch.jit.ScriptModule, recorder: SiteRecorder) -> None:
         self.recorder = recorder
         self.unreachable: list[dict[str, str]] = []
+        # Parameters stay attributes (not folded into constants) so that gradients can reach them.
+        self._parameter_names = [name for name, _ in module.named_parameters()]
         try:
-            self._frozen = torch.jit.freeze(module.eval(), optimize_numerics=False)
+            self._frozen = torch.jit.freeze(module.eval(), preserved_attrs=self._parameter_names,
+                                            optimize_numerics=False)
         except Exception as exc:  # noqa: BLE001 - TorchScript raises plain RuntimeErrors
             raise InputError(f"cannot freeze the TorchScript module for analysis: {exc}".splitlines()[0]) from exc
         graph = self._frozen.forward.graph.copy()
@@ -117,6 +120,16 @@ class ScriptCapture:
         graph.makeMultiOutputIntoTuple()
         self._function = torch._C._create_function_from_graph("reluscope_forward_with_sites", graph)
 
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors the rewritten graph reads, under the original module's parameter names."""
+        out = []
+        for name in self._parameter_names:
+            value: Any = self._frozen
+            for part in name.split("."):
+                value = getattr(value, part)
+            out.append((name, value))
+        return out
+
     def __enter__(self) -> "ScriptCapture":
         return self
 
@@ -127,7 +140,10 @@ class ScriptCapture:
         if isinstance(inputs, dict):
             raise InputError("TorchScript models take positional inputs: give the data as one array or a tuple")
         self.recorder.begin_forward()
-        results = self._function(self._frozen._c, *inputs)
+        # Without this, the profiling executor fuses the graph into a DifferentiableGraph after
+        # a few runs, and gradients stop reaching the extra site outputs.
+        with torch.jit.optimized_execution(False):
+            results = self._function(self._frozen._c, *inputs)
         position = 1
         for base, act, layout, wants_input in self._plan:
             out = results[position]
