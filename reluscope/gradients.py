@@ -131,9 +131,10 @@ class ParameterGradients:
         weight_norms = [float(n) for n in torch.stack(
             [torch.linalg.vector_norm(t.detach().float()) for t in self.tensors]).cpu().tolist()] if self.tensors else []
         parameters = []
-        for name, grad_norm, weight_norm in zip(self.names, grad_norms, weight_norms):
+        for name, tensor, grad_norm, weight_norm in zip(self.names, self.tensors, grad_norms, weight_norms):
             parameters.append({
                 "name": name,
+                "shape": list(tensor.shape),
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "weight_norm": weight_norm,
                 "ratio": grad_norm / weight_norm if weight_norm and math.isfinite(grad_norm) else None,

@@ -43,18 +43,18 @@ def layers_table(report: dict[str, Any]) -> Table:
                   show_lines=False, header_style="bold")
     table.add_column("site", overflow="fold")
     table.add_column("op")
-    table.add_column("units", justify="right")
-    table.add_column("zero %", justify="right")
-    table.add_column("dead", justify="right")
-    table.add_column("rarely active", justify="right")
+    table.add_column("units", justify="right", no_wrap=True)
+    table.add_column("zero %", justify="right", no_wrap=True)
+    table.add_column("dead", justify="right", no_wrap=True)
+    table.add_column("rarely active", justify="right", no_wrap=True)
     if show_dormant:
-        table.add_column("dormant", justify="right")
+        table.add_column("dormant", justify="right", no_wrap=True)
     if show_saturation:
-        table.add_column("sat. %", justify="right")
-    table.add_column("min", justify="right")
-    table.add_column("max", justify="right")
+        table.add_column("sat. %", justify="right", no_wrap=True)
+    table.add_column("min", justify="right", no_wrap=True)
+    table.add_column("max", justify="right", no_wrap=True)
     if show_gradient:
-        table.add_column("grad rms", justify="right")
+        table.add_column("grad rms", justify="right", no_wrap=True)
     for layer in layers:
         units = layer["units"]
         dead = _units_cell(layer["dead_units"], units)
@@ -98,7 +98,12 @@ def summary_text(report: dict[str, Any]) -> Text:
 
 
 def table_renderable(report: dict[str, Any]) -> Group:
-    return Group(layers_table(report), summary_text(report))
+    parts: list[Any] = [layers_table(report), summary_text(report)]
+    if report.get("gradient_flow") is not None:
+        from .render_gradients import gradient_renderable
+
+        parts.append(gradient_renderable(report["gradient_flow"]))
+    return Group(*parts)
 
 
 def render_table(report: dict[str, Any], width: int | None = None, color: bool = True) -> str:
