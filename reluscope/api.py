@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +27,8 @@ def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: i
             max_samples: int | None = None, input_shape: Any = None, unit_axis: int | None = None,
             arch: str | None = None, trust_checkpoint: bool = False, rare_threshold: float = 0.01,
             dormant_tau: float = 0.025, gradients: bool = False, loss: str | None = None,
-            progress: ProgressCallback | None = None, on_start: Callable[[int | None], None] | None = None) -> Report:
+            percentiles: bool = False, progress: ProgressCallback | None = None,
+            on_start: Callable[[int | None], None] | None = None) -> Report:
     """Analyse every ReLU-family activation site of `model` on `data`.
 
     `model` is an `nn.Module` (handed back as it came: mode, device, hooks), or a path to a
@@ -37,102 +39,144 @@ def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: i
     config = AnalyzeConfig(device=device, batch_size=batch_size, max_samples=max_samples,
                            input_shape=tuple(input_shape) if input_shape is not None else None, unit_axis=unit_axis,
                            arch=arch, trust_checkpoint=trust_checkpoint, rare_threshold=rare_threshold,
-                           dormant_tau=dormant_tau, gradients=gradients, loss=loss)
+                           dormant_tau=dormant_tau, gradients=gradients, loss=loss, percentiles=percentiles)
     return run_analysis(model, data, config, progress=progress, on_start=on_start)
 
 
 def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: ProgressCallback | None = None,
                  on_start: Callable[[int | None], None] | None = None) -> Report:
-    import torch
-
     from . import data as data_sources
     from .capture.recorder import SiteRecorder
-    from .loaders import LoadedModel, load_model
+    from .distributed import World, init, shutdown, world_from_env
 
     started = time.perf_counter()
-    if isinstance(model, (str, Path)):
-        loaded = load_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
-    elif isinstance(model, torch.nn.Module):
-        loaded = LoadedModel(model, "torchscript" if isinstance(model, torch.jit.ScriptModule) else "torch-module")
-    else:
-        raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")
-
+    loaded = _load(model, config)
     source = data_sources.from_object(data, input_shape=config.input_shape)
-    report_warnings: list[str] = []
-    if source.synthetic:
-        report_warnings.append(SYNTHETIC_WARNING)
     onnx = loaded.format == "onnx"
-    measure_gradients = config.gradients and not onnx
-    recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=measure_gradients)
-    gradient_flow: dict[str, Any] | None = None
-    if config.gradients and onnx:
-        gradient_flow = {"available": False, "reason": ONNX_GRADIENTS}
-        report_warnings.append(ONNX_GRADIENTS)
-    dev = resolve_device(config.device, loaded.module if not onnx else None)
-    unanalysed: list[dict[str, str]] = []
-    samples = 0
-    if on_start is not None:
+    world = world_from_env() if not onnx else World()
+    dev = resolve_device(config.device, None if onnx else loaded.module, world.local_rank)
+    recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
+                            percentiles=config.percentiles)
+    run = _Run(config, source, recorder,
+               dev, world, progress if world.is_main else None)
+    if source.synthetic:
+        run.warnings.append(SYNTHETIC_WARNING)
+    if on_start is not None and world.is_main:
         on_start(source.planned_samples(config.max_samples))
-    if onnx:
-        from .capture.onnx import OnnxCapture
-
-        capture: Any = OnnxCapture(loaded.module, recorder, device=str(dev), path=loaded.path)
-        with capture:
-            for batch in source.batches(config.batch_size, config.max_samples):
-                _forward(capture, batch.inputs, samples)
-                samples += batch.size
-                if progress is not None:
-                    progress(batch.size)
-        unanalysed.extend(capture.unanalysed)
-        report_warnings.extend(capture.warnings)
-    else:
-        from .gradients import ParameterGradients, trainable
-
-        with prepared_module(loaded.module, dev) as module:
-            capture = _torch_capture(loaded, module, recorder)
-            unanalysed.extend(getattr(capture, "unreachable", []))
-            named = capture.named_parameters() if hasattr(capture, "named_parameters") else \
-                list(module.named_parameters())
-            grad_context = trainable(named) if measure_gradients else contextlib.nullcontext(named)
-            with grad_context as floating, (torch.enable_grad() if measure_gradients else torch.inference_mode()), \
-                    capture:
-                parameter_grads = ParameterGradients.of(floating, dev) if measure_gradients else None
-                for batch in source.batches(config.batch_size, config.max_samples):
-                    inputs = _to_device(batch.inputs, dev)
-                    output = _forward(capture, inputs, samples)
-                    if parameter_grads is not None:
-                        parameter_grads.step(output, batch.labels, config.loss)
-                    del output  # releases this batch's autograd graph before the next forward
-                    samples += batch.size
-                    if progress is not None:
-                        progress(batch.size)
-            if parameter_grads is not None and samples:
-                gradient_flow = {"available": True, **parameter_grads.to_dict()}
-    if samples == 0:
+    init(world, dev)
+    try:
+        gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_torch(loaded, run)
+    finally:
+        shutdown(world)
+    if run.samples == 0:
         raise ReluscopeError(f"calibration data {source.description} yielded no samples")
-    if len(recorder) == 0:
-        report_warnings.append("no ReLU-family activation was called during the forward pass; nothing to analyse")
+    if len(run.recorder) == 0:
+        run.warnings.append("no ReLU-family activation was called during the forward pass; nothing to analyse")
 
     thresholds = Thresholds(rare=config.rare_threshold, dormant_tau=config.dormant_tau)
     layers = [build_layer(info, host, thresholds, hard_zero=act.hard_zero, upper=act.upper)
-              for info, act, host in recorder.host_view()]
-    for layer, gradient in zip(layers, recorder.gradient_view()):
+              for info, act, host in run.recorder.host_view()]
+    for layer, gradient in zip(layers, run.recorder.gradient_view()):
         if gradient is not None:
             layer["gradient"] = gradient
     return Report(
         tool={"name": "reluscope", "version": __version__},
         model={"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256},
-        data={"source": source.description, "samples": samples, "synthetic": source.synthetic},
-        run={"backend": "onnxruntime" if onnx else "torch", "device": str(dev),
+        data={"source": source.description, "samples": run.samples, "synthetic": source.synthetic},
+        run={"backend": "onnxruntime" if onnx else "torch", "device": str(dev), "processes": world.size,
              "seconds": round(time.perf_counter() - started, 4),
              "rare_threshold": config.rare_threshold, "dormant_tau": config.dormant_tau,
              "batch_size": config.batch_size},
         layers=layers,
         summary=build_summary(layers),
-        warnings=report_warnings,
-        unanalysed=unanalysed,
+        warnings=run.warnings,
+        unanalysed=run.unanalysed,
         gradient_flow=gradient_flow,
     )
+
+
+@dataclass
+class _Run:
+    """What one analysis threads through its measuring loop."""
+
+    config: AnalyzeConfig
+    source: Any
+    recorder: Any
+    device: Any
+    world: Any
+    progress: ProgressCallback | None
+    samples: int = 0
+    warnings: list[str] = field(default_factory=list)
+    unanalysed: list[dict[str, str]] = field(default_factory=list)
+
+    def batches(self) -> Iterator[Any]:
+        owns = self.world.owns if self.world.active else None
+        for batch in self.source.batches(self.config.batch_size, self.config.max_samples, owns=owns):
+            yield batch
+            self.samples += batch.size
+            if self.progress is not None:
+                self.progress(batch.size * self.world.size)
+
+    def merge_ranks(self) -> None:
+        """Under torchrun: sum/min/max every accumulator over the ranks (a no-op otherwise)."""
+        if self.world.active:
+            from .distributed import all_reduce_int
+
+            self.samples = all_reduce_int(self.samples, self.device)
+            self.recorder.all_reduce()
+
+
+def _load(model: Any, config: AnalyzeConfig) -> Any:
+    import torch
+
+    from .loaders import LoadedModel, load_model
+
+    if isinstance(model, (str, Path)):
+        return load_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
+    if isinstance(model, torch.nn.Module):
+        return LoadedModel(model, "torchscript" if isinstance(model, torch.jit.ScriptModule) else "torch-module")
+    raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")
+
+
+def _measure_onnx(loaded: Any, run: _Run) -> dict[str, Any] | None:
+    from .capture.onnx import OnnxCapture
+
+    capture = OnnxCapture(loaded.module, run.recorder, device=str(run.device), path=loaded.path)
+    with capture:
+        for batch in run.batches():
+            _forward(capture, batch.inputs, run.samples)
+    run.unanalysed.extend(capture.unanalysed)
+    run.warnings.extend(capture.warnings)
+    if run.config.gradients:
+        run.warnings.append(ONNX_GRADIENTS)
+        return {"available": False, "reason": ONNX_GRADIENTS}
+    return None
+
+
+def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
+    import torch
+
+    from .gradients import ParameterGradients, trainable
+
+    gradients = run.config.gradients
+    with prepared_module(loaded.module, run.device) as module:
+        capture = _torch_capture(loaded, module, run.recorder)
+        run.unanalysed.extend(getattr(capture, "unreachable", []))
+        named = capture.named_parameters() if hasattr(capture, "named_parameters") else list(module.named_parameters())
+        grad_context = trainable(named) if gradients else contextlib.nullcontext(named)
+        with grad_context as floating, (torch.enable_grad() if gradients else torch.inference_mode()), capture:
+            parameter_grads = ParameterGradients.of(floating, run.device) if gradients else None
+            for batch in run.batches():
+                output = _forward(capture, _to_device(batch.inputs, run.device), run.samples)
+                if parameter_grads is not None:
+                    parameter_grads.step(output, batch.labels, run.config.loss)
+                del output  # releases this batch's autograd graph before the next forward
+        run.merge_ranks()
+        if parameter_grads is None:
+            return None
+        if run.world.active:
+            parameter_grads.all_reduce()
+        return {"available": True, **parameter_grads.to_dict()} if parameter_grads.batches else None
 
 
 def _forward(capture: Any, inputs: Any, seen: int) -> Any:
@@ -149,7 +193,8 @@ def _forward(capture: Any, inputs: Any, seen: int) -> Any:
                             "what the model expects") from exc
 
 
-def resolve_device(requested: str, module: Any = None) -> Any:
+def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> Any:
+    """auto: a module's own accelerator, else CUDA when present (one GPU per torchrun rank), else CPU."""
     import torch
 
     requested = requested.lower()
@@ -158,7 +203,9 @@ def resolve_device(requested: str, module: Any = None) -> Any:
             param = next(iter(module.parameters()), None)
             if param is not None and param.device.type != "cpu":
                 return param.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and local_rank and torch.cuda.is_available():
+        requested = f"cuda:{local_rank % torch.cuda.device_count()}"
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ class AnalyzeConfig:
     dormant_tau: float = 0.025
     gradients: bool = False
     loss: str | None = None
+    percentiles: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,16 +38,23 @@ class DataSource:
     labels: Any = None
     iterable: Iterable[Any] | None = None
 
-    def batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
+    def batches(self, batch_size: int, max_samples: int | None = None,
+                owns: Callable[[int], bool] | None = None) -> Iterator[Batch]:
+        """Batches in order; with `owns`, only the batches whose index it accepts (a shard),
+        and those are the only ones decoded."""
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.iterable is not None:
-            yield from _from_iterable(self.iterable, max_samples)
+            for index, batch in enumerate(_from_iterable(self.iterable, max_samples)):
+                if owns is None or owns(index):
+                    yield batch
             return
         total = self.samples or 0
         if max_samples is not None:
             total = min(total, max_samples)
-        for start in range(0, total, batch_size):
+        for index, start in enumerate(range(0, total, batch_size)):
+            if owns is not None and not owns(index):
+                continue
             stop = min(start + batch_size, total)
             if isinstance(self.arrays, dict):
                 inputs: Any = {k: _to_tensor(v[start:stop], k) for k, v in self.arrays.items()}

@@ -45,6 +45,13 @@ class SiteGradStats:
         self.zeros += (g == 0).sum()
         self.count += g.numel()
 
+    def all_reduce(self) -> None:
+        from .distributed import all_reduce, all_reduce_int
+
+        all_reduce(self.sumsq, "sum")
+        all_reduce(self.zeros, "sum")
+        self.count = all_reduce_int(self.count, self.sumsq.device)
+
     def to_dict(self) -> dict[str, Any]:
         if not self.count:
             return {"rms": None, "zero_fraction": None}
@@ -125,6 +132,16 @@ class ParameterGradients:
         self.nonfinite += (~torch.isfinite(norms)).sum() + sum((~torch.isfinite(g)).sum() for g in present)
         self.sumsq += norms.pow(2)
         self.batches += 1
+
+    def all_reduce(self) -> None:
+        from .distributed import all_reduce, all_reduce_int
+
+        all_reduce(self.sumsq, "sum")
+        all_reduce(self.nonfinite, "sum")
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.sumsq.device)
+        all_reduce(self.loss_sum, "sum")
+        self.batches = all_reduce_int(self.batches, self.sumsq.device)
 
     def to_dict(self, vanishing: float = VANISHING_RATIO, exploding: float = EXPLODING_RATIO) -> dict[str, Any]:
         grad_norms = [math.sqrt(v / self.batches) if self.batches else 0.0 for v in self.sumsq.cpu().tolist()]

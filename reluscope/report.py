@@ -73,6 +73,7 @@ def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *,
         "std": math.sqrt(var),
         "nonfinite": host["nonfinite"],
         "saturated_fraction": host["saturated"] / elements if upper is not None and elements else None,
+        **({"percentiles": host["percentiles"]} if host.get("percentiles") is not None else {}),
     }
 
 

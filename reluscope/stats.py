@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import histogram
 from .sites import Activation
 
 
@@ -24,6 +25,7 @@ class SiteStats:
     shape: tuple[int, ...]  # per sample (batch axis dropped)
     unit_axis: int  # index into `shape`
     device: torch.device
+    percentiles: bool = False  # keep a streaming histogram (see histogram.py)
     elements: int = 0  # host-side: shapes are metadata, counting them costs no sync
     samples: int = 0
     active: torch.Tensor = field(init=False)  # int64 [units]: elements in the active region
@@ -34,6 +36,7 @@ class SiteStats:
     vmax: torch.Tensor = field(init=False)
     vsum: torch.Tensor = field(init=False)  # float64 sum over finite outputs
     vsumsq: torch.Tensor = field(init=False)
+    hist: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         units = self.units
@@ -46,6 +49,7 @@ class SiteStats:
         self.vmax = torch.full((), float("-inf"), dtype=torch.float32, device=dev)
         self.vsum = torch.zeros((), dtype=torch.float64, device=dev)
         self.vsumsq = torch.zeros((), dtype=torch.float64, device=dev)
+        self.hist = histogram.empty(not self.activation.hard_zero, dev) if self.percentiles else None
 
     @property
     def units(self) -> int:
@@ -108,6 +112,8 @@ class SiteStats:
         self.vmax = torch.maximum(self.vmax, bmax.float())
         self.vsum += bsum.double()
         self.vsumsq += bsumsq
+        if self.hist is not None:
+            histogram.update(self.hist, y)
 
     # ------------------------------------------------------------------- merge
     def merge(self, other: "SiteStats") -> None:
@@ -125,6 +131,22 @@ class SiteStats:
         self.vmax = torch.maximum(self.vmax, other.vmax.to(self.device))
         self.vsum += other.vsum.to(self.device)
         self.vsumsq += other.vsumsq.to(self.device)
+        if self.hist is not None and other.hist is not None:
+            self.hist += other.hist.to(self.device)
+
+    def all_reduce(self) -> None:
+        """Merge this site's accumulators across torch.distributed ranks (same merge operators)."""
+        from .distributed import all_reduce, all_reduce_int
+
+        for tensor in (self.active, self.saturated, self.nonfinite, self.vsum, self.vsumsq):
+            all_reduce(tensor, "sum")
+        for optional in (self.abs_sum, self.hist):
+            if optional is not None:
+                all_reduce(optional, "sum")
+        all_reduce(self.vmin, "min")
+        all_reduce(self.vmax, "max")
+        self.elements = all_reduce_int(self.elements, self.device)
+        self.samples = all_reduce_int(self.samples, self.device)
 
     # ----------------------------------------------------------------- readout
     def to_host(self) -> dict[str, Any]:
@@ -140,4 +162,6 @@ class SiteStats:
             "max": float(self.vmax.item()),
             "sum": float(self.vsum.item()),
             "sumsq": float(self.vsumsq.item()),
+            "percentiles": None if self.hist is None else
+            histogram.percentiles(self.hist.cpu().tolist(), signed=not self.activation.hard_zero),
         }

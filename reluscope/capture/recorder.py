@@ -56,9 +56,10 @@ def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None
 
 
 class SiteRecorder:
-    def __init__(self, unit_axis: int | None = None, gradients: bool = False) -> None:
+    def __init__(self, unit_axis: int | None = None, gradients: bool = False, percentiles: bool = False) -> None:
         self.unit_axis_override = unit_axis
         self.gradients = gradients
+        self.percentiles = percentiles
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
 
@@ -76,7 +77,7 @@ class SiteRecorder:
             shape = tuple(output.shape[1:] if batched else output.shape)
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
-            stats = SiteStats(activation, shape, axis, output.device)
+            stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles)
             grad = SiteGradStats.on(output.device) if self.gradients else None
             site = _Site(base, call, activation, stats, tensor, grad)
             self._sites[(base, call)] = site
@@ -101,6 +102,23 @@ class SiteRecorder:
 
     def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
         return [(info, act, stats.to_host()) for info, act, stats in self.sites()]
+
+    def all_reduce(self) -> None:
+        """Merge every site across torch.distributed ranks; all ranks must have seen the same sites."""
+        import torch.distributed as dist
+
+        keys = list(self._sites)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, keys)
+        if any(other != keys for other in gathered):
+            from ..errors import ModelRunError
+
+            raise ModelRunError("ranks called different activation sites (data-dependent control flow?); "
+                                "run in a single process")
+        for site in self._sites.values():
+            site.stats.all_reduce()
+            if site.grad is not None:
+                site.grad.all_reduce()
 
     def gradient_view(self) -> list[dict[str, Any] | None]:
         """Per site, in the order of `sites()`: {"rms", "zero_fraction"} or None without --gradients."""
