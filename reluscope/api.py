@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         on_start(source.planned_samples(config.max_samples))
     init(world, dev)
     try:
-        gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_torch(loaded, run)
+        gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_with_oom_retry(loaded, run)
     finally:
         shutdown(world)
     if run.samples == 0:
@@ -86,7 +87,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         run={"backend": "onnxruntime" if onnx else "torch", "device": str(dev), "processes": world.size,
              "seconds": round(time.perf_counter() - started, 4),
              "rare_threshold": config.rare_threshold, "dormant_tau": config.dormant_tau,
-             "batch_size": config.batch_size},
+             "batch_size": run.config.batch_size},
         layers=layers,
         summary=build_summary(layers),
         warnings=run.warnings,
@@ -138,6 +139,31 @@ def _load(model: Any, config: AnalyzeConfig) -> Any:
     raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")
 
 
+def _measure_with_oom_retry(loaded: Any, run: _Run) -> dict[str, Any] | None:
+    """On CUDA out-of-memory, start over with half the batch size (statistics of a batch that
+    failed midway cannot be taken back, so the run restarts rather than resumes)."""
+    import torch
+
+    while True:
+        try:
+            return _measure_torch(loaded, run)
+        except ModelRunError as exc:
+            if not isinstance(exc.__cause__, torch.cuda.OutOfMemoryError):
+                raise
+            restartable = run.source.iterable is None and not run.world.active
+            if run.config.batch_size <= 1 or not restartable:
+                raise ModelRunError(f"CUDA ran out of memory at batch size {run.config.batch_size}; pass a smaller "
+                                    "--batch-size or --device cpu") from exc
+            smaller = run.config.batch_size // 2
+            run.warnings.append(f"CUDA ran out of memory at batch size {run.config.batch_size}; "
+                                f"restarted with batch size {smaller}")
+            torch.cuda.empty_cache()
+            run.config = dataclasses.replace(run.config, batch_size=smaller)
+            run.recorder = type(run.recorder)(unit_axis=run.config.unit_axis, gradients=run.recorder.gradients,
+                                              percentiles=run.recorder.percentiles)
+            run.samples = 0
+
+
 def _measure_onnx(loaded: Any, run: _Run) -> dict[str, Any] | None:
     from .capture.onnx import OnnxCapture
 
@@ -169,7 +195,10 @@ def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
             for batch in run.batches():
                 output = _forward(capture, _to_device(batch.inputs, run.device), run.samples)
                 if parameter_grads is not None:
-                    parameter_grads.step(output, batch.labels, run.config.loss)
+                    try:
+                        parameter_grads.step(output, batch.labels, run.config.loss)
+                    except torch.cuda.OutOfMemoryError as exc:
+                        raise ModelRunError("CUDA ran out of memory in the backward pass") from exc
                 del output  # releases this batch's autograd graph before the next forward
         run.merge_ranks()
         if parameter_grads is None:
