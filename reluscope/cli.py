@@ -14,8 +14,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError
+from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
 
 app = typer.Typer(
     name="reluscope",
@@ -31,10 +32,76 @@ err_console = Console(stderr=True)
 class OutputFormat(str, enum.Enum):
     table = "table"
     json = "json"
+    markdown = "markdown"
+
+
+FAIL_ON_HELP = ("Gate rule \\[SCOPE:]METRIC OP NUMBER (OP: > >= < <= == !=); exit 1 when it is true. Repeatable. "
+                "No scope: the model-wide summary (e.g. 'dead_fraction>0.05'); a scope is a glob over site names "
+                "and fails if any matching site does (e.g. 'features.*:dead_units>1'). Quote it in the shell.")
+CONFIG_HELP = ("Config file (reluscope.toml, or pyproject.toml with \\[tool.reluscope]). Default: the nearest one "
+               "from the current folder upwards. Command-line options win over it.")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (command line or environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _with_settings(ctx: typer.Context, values: dict[str, Any], from_config: dict[str, Any]) -> dict[str, Any]:
+    """Config values fill in every option the command line did not set."""
+    merged = dict(values)
+    for name, value in from_config.items():
+        if name in merged and not _given(ctx, name):
+            merged[name] = value
+    if isinstance(merged.get("output_format"), str):
+        merged["output_format"] = OutputFormat(merged["output_format"])
+    return merged
+
+
+def _load_settings(config_file: Optional[Path], no_config: bool) -> Any:
+    from .settings import Settings, load_settings
+
+    if no_config:
+        if config_file is not None:
+            raise UsageError("--config and --no-config exclude each other")
+        return Settings()
+    return load_settings(config_file)
+
+
+def _show_gates(gates: list[dict[str, Any]], *, on_stdout: bool, quiet: bool, title: str = "gates") -> None:
+    """The gate table: with the payload when that is a table on stdout, else on stderr."""
+    if not gates:
+        return
+    from .render_gates import gate_table
+
+    if on_stdout:
+        Console().print(gate_table(gates, title=title))
+    elif not quiet:
+        err_console.print(gate_table(gates, title=title))
+    else:
+        from .gate import describe, failed
+
+        for gate in failed(gates):
+            err_console.print(f"[bold red]gate failed:[/] {escape(describe(gate))}", highlight=False, soft_wrap=True)
+
+
+def _gate_exit(gates: list[dict[str, Any]]) -> int:
+    from .gate import failed
+
+    return EXIT_GATE_FAILED if failed(gates) else EXIT_OK
+
+
+def _step_summary(markdown_text: str) -> None:
+    from .markdown import append_step_summary
+
+    problem = append_step_summary(markdown_text)
+    if problem:
+        err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -61,6 +128,7 @@ def run_guarded(action: Callable[[], int], debug: bool) -> None:
 
 @app.command()
 def analyze(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Model file: state_dict (.pt, with --arch), TorchScript, torch.export "
                                  "(.pt2), pickled nn.Module (with --trust-checkpoint) or ONNX. Detected from content."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Calibration data: .npy, .npz (x/inputs, y/labels), "
@@ -87,42 +155,79 @@ def analyze(
                                        "half-squared-norm (default: chosen from the data and the output)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow unpickling code from the checkpoint "
                                           "(a whole pickled nn.Module). Only for files you trust."),
+    fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", metavar="RULE", help=FAIL_ON_HELP),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write the gate results as "
+                                         "JUnit XML (one test case per --fail-on rule)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help=CONFIG_HELP),
+    no_config: bool = typer.Option(False, "--no-config", help="Ignore config files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Analyse every ReLU-family activation site of MODEL on calibration data."""
+    """Analyse every ReLU-family activation site of MODEL on calibration data.
+
+    Exit codes: 0 ok, 1 a --fail-on gate failed, 2 bad usage or input, 3 internal error.
+    """
+    given = {"data": data, "arch": arch, "input_shape": input_shape, "batch_size": batch_size,
+             "max_samples": max_samples, "device": device, "output_format": output_format, "unit_axis": unit_axis,
+             "rare_threshold": rare_threshold, "dormant_tau": dormant_tau, "gradients": gradients, "loss": loss,
+             "fail_on": fail_on, "junit": junit}
 
     def body() -> int:
         from . import data as data_sources
         from .config import AnalyzeConfig
+        from .gate import evaluate, parse_rules
         from .output import check_writable, emit
 
-        config = AnalyzeConfig(device=device, batch_size=batch_size, max_samples=max_samples,
-                               input_shape=data_sources.parse_shape(input_shape), unit_axis=unit_axis, arch=arch,
-                               trust_checkpoint=trust_checkpoint, rare_threshold=rare_threshold,
-                               dormant_tau=dormant_tau, gradients=gradients, loss=loss)
-        if output is not None:
-            check_writable(output)
-        report = _run_with_progress(model, data, config, quiet)
+        opts = _with_settings(ctx, given, _load_settings(config_file, no_config).analyze)
+        fmt = opts["output_format"]
+        rules = parse_rules(opts["fail_on"], gradients=opts["gradients"])  # fail fast, before the analysis
+        config = AnalyzeConfig(device=opts["device"], batch_size=opts["batch_size"], max_samples=opts["max_samples"],
+                               input_shape=data_sources.parse_shape(opts["input_shape"]), unit_axis=opts["unit_axis"],
+                               arch=opts["arch"], trust_checkpoint=trust_checkpoint,
+                               rare_threshold=opts["rare_threshold"], dormant_tau=opts["dormant_tau"],
+                               gradients=opts["gradients"], loss=opts["loss"])
+        for target in (output, opts["junit"]):
+            if target is not None:
+                check_writable(target)
+        report = _run_with_progress(model, opts["data"], config, quiet)
+        report.gates = evaluate(rules, report.to_dict())  # before writing: -o FILE holds the gates
         payload = report.to_dict()
         for warning in report.warnings:
-            err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        if output_format is OutputFormat.json:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        if fmt is OutputFormat.json:
             emit(report.to_json(), output)
+        elif fmt is OutputFormat.markdown:
+            from .markdown import report_markdown
+
+            text = report_markdown(payload)
+            emit(text, output)
+            _step_summary(text)
         elif output is None:
             from .render import table_renderable
 
             Console().print(table_renderable(payload))
         else:
             from .render import render_table
+            from .render_gates import gate_table, render_text
 
-            emit(render_table(payload, color=False), output)
+            text = render_table(payload, color=False)
+            if report.gates:
+                text = text.rstrip("\n") + "\n" + render_text(gate_table(report.gates))
+            emit(text, output)
         if output is not None and not quiet:
             from .render import summary_text
 
             err_console.print(summary_text(payload))
             err_console.print(f"report written to {output}", style="dim")
-        return EXIT_OK
+        _show_gates(report.gates, on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
+        if opts["junit"] is not None:
+            from .junit import write_junit
+
+            write_junit(opts["junit"], report.gates, properties={
+                "model": payload["model"].get("path"), "format": payload["model"].get("format"),
+                "sha256": payload["model"].get("sha256"), "samples": payload["data"].get("samples")},
+                seconds=float(payload["run"].get("seconds") or 0.0))
+        return _gate_exit(report.gates)
 
     run_guarded(body, debug)
 
@@ -146,6 +251,93 @@ def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bo
             bar.advance(task, samples)
 
         return run_analysis(model, data, config, progress=advance, on_start=on_start)
+
+
+@app.command("diff")
+def diff_command(
+    ctx: typer.Context,
+    base: Path = typer.Argument(..., metavar="BASE.json", help="The reference report (reluscope analyze -f json)."),
+    new: Path = typer.Argument(..., metavar="NEW.json", help="The report to compare with it."),
+    fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", metavar="RULE", help="Gate rule on delta.M "
+                                                "(NEW - BASE), base.M or new.M, e.g. 'delta.zero_fraction>0.05' or "
+                                                "'conv*:delta.dead_units>0'. Replaces the default gate "
+                                                "(exit 1 when NEW has more dead units, model-wide or at any site)."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Payload format."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the payload to FILE (atomically)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write the gate results as "
+                                         "JUnit XML."),
+    config_file: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help=CONFIG_HELP + " Uses its "
+                                               "\\[tool.reluscope.diff] table."),
+    no_config: bool = typer.Option(False, "--no-config", help="Ignore config files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No gate table on stderr (failed gates still print)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Compare two JSON reports site by site: dead units, zero fraction, ranges; added and removed sites.
+
+    Exit codes: 0 no gate failed, 1 a gate failed (by default: more dead units in NEW), 2 bad usage or input.
+    """
+    given = {"output_format": output_format, "fail_on": fail_on, "junit": junit}
+
+    def body() -> int:
+        from .diff import default_rules, diff_reports, gate_diff, load_report
+        from .gate import parse_rules
+        from .output import check_writable, emit
+
+        settings = _load_settings(config_file, no_config)
+        opts = _with_settings(ctx, given, settings.diff)
+        fmt = opts["output_format"]
+        rules = parse_rules(opts["fail_on"], diff=True)
+        # no rules given anywhere: the default gate; `fail-on = []` in the config: no gate at all
+        use_default = not rules and not _given(ctx, "fail_on") and "fail_on" not in settings.diff
+        for target in (output, opts["junit"]):
+            if target is not None:
+                check_writable(target)
+        document = diff_reports(load_report(base), load_report(new), base_path=base, new_path=new)
+        document["gates"] = gate_diff(default_rules(document) if use_default else rules, document)
+        if fmt is OutputFormat.json:
+            import json
+
+            emit(json.dumps(document, indent=2, allow_nan=False), output)
+        elif fmt is OutputFormat.markdown:
+            from .markdown import diff_markdown
+
+            text = diff_markdown(document)
+            emit(text, output)
+            _step_summary(text)
+        else:
+            from .render_gates import diff_renderable, gate_table, render_text
+
+            if output is None:
+                Console().print(diff_renderable(document))
+            else:
+                parts = [diff_renderable(document)] + ([gate_table(document["gates"])] if document["gates"] else [])
+                emit(render_text(*parts), output)
+        _show_gates(document["gates"], on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
+        if opts["junit"] is not None:
+            from .junit import write_junit
+
+            write_junit(opts["junit"], document["gates"], classname="reluscope.diff",
+                        properties={"base": str(base), "new": str(new)})
+        return _gate_exit(document["gates"])
+
+    run_guarded(body, debug)
+
+
+@app.command("schema")
+def schema_command(
+    diff: bool = typer.Option(False, "--diff", help="The schema of `reluscope diff -f json` instead."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it to FILE (atomically)."),
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of the JSON report."""
+
+    def body() -> int:
+        from .output import emit
+        from .schema import schema_json
+
+        emit(schema_json(diff=diff), output)
+        return EXIT_OK
+
+    run_guarded(body, False)
 
 
 @app.callback()

@@ -1,0 +1,202 @@
+"""Markdown for pull-request comments and CI step summaries (GitHub-flavoured tables).
+
+`--format markdown` prints it; when the `GITHUB_STEP_SUMMARY` environment variable names a file
+(as it does inside GitHub Actions), the same text is appended there too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .gate import format_value
+
+MAX_ROWS = 50
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+
+
+def _cell(text: Any) -> str:
+    """Table-safe text: pipes escaped, no newlines."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: Any) -> str:
+    value = _cell(text)
+    return f"`` {value} ``" if "`" in value else f"`{value}`"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _units(count: int, total: int) -> str:
+    if not count:
+        return "0"
+    return f"{count} ({100 * count / total:.0f}%)" if total else str(count)
+
+
+def _table(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def gates_markdown(gates: Sequence[Mapping[str, Any]], max_offenders: int = 6) -> list[str]:
+    if not gates:
+        return []
+    rows = []
+    for gate in gates:
+        offenders = gate.get("offenders") or []
+        shown = ", ".join(_code(o) for o in offenders[:max_offenders])
+        if len(offenders) > max_offenders:
+            shown += f" and {len(offenders) - max_offenders} more"
+        verdict = "✅ pass" if gate["passed"] else "❌ **fail**"
+        rows.append([verdict, _code(gate["rule"]), format_value(gate.get("value")), shown])
+    failed = sum(1 for g in gates if not g["passed"])
+    verdict_line = (f"**{failed} of {len(gates)} gates failed.**" if failed
+                    else f"All {len(gates)} gates passed.")
+    return ["#### Gates", "", *_table(["result", "rule", "value", "offending sites"], ["---", "---", "--:", "---"],
+                                      rows), "", verdict_line]
+
+
+def _rank(layer: Mapping[str, Any]) -> tuple[float, float]:
+    return (-layer["dead_fraction"], -layer["zero_fraction"])
+
+
+def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
+    """A compact report: summary line, sites table (capped at `max_rows`, worst first when capped), gates."""
+    s = report["summary"]
+    model = report.get("model") or {}
+    run = report.get("run") or {}
+    data = report.get("data") or {}
+    lines = [f"### reluscope: {_code(model.get('path') or 'model')}", ""]
+    headline = (f"**{s['layers']} sites, {s['units']} units: {s['dead_units']} dead "
+                f"({100 * s['dead_fraction']:.1f}%)**, {s.get('rarely_active_units', 0)} rarely active, "
+                f"mean zero fraction {100 * s['mean_zero_fraction']:.1f}%")
+    if s.get("nonfinite"):
+        headline += f", **{s['nonfinite']} NaN/Inf outputs**"
+    lines.append(headline)
+    lines.append(f"<sub>{data.get('samples', '?')} samples{' (synthetic)' if data.get('synthetic') else ''} · "
+                 f"{run.get('backend', '?')} on {run.get('device', '?')} · {model.get('format', '?')}</sub>")
+    lines.append("")
+
+    layers = list(report["layers"])
+    if layers:
+        capped = len(layers) > max_rows
+        shown = sorted(layers, key=_rank)[:max_rows] if capped else layers
+        show_sat = any(l.get("saturated_fraction") is not None for l in shown)
+        show_grad = any("gradient" in l for l in shown)
+        header = ["site", "op", "units", "zero %", "dead", "rarely active"]
+        align = ["---", "---", "--:", "--:", "--:", "--:"]
+        if show_sat:
+            header.append("sat. %")
+            align.append("--:")
+        header += ["min", "max"]
+        align += ["--:", "--:"]
+        if show_grad:
+            header.append("grad rms")
+            align.append("--:")
+        rows = []
+        for layer in shown:
+            units = layer["units"]
+            dead = _units(len(layer["dead_units"]), units)
+            row = [_code(layer["name"]), _cell(layer["op"]), str(units), f"{100 * layer['zero_fraction']:.1f}",
+                   f"**{dead}**" if layer["dead_units"] else dead, _units(len(layer["rarely_active_units"]), units)]
+            if show_sat:
+                sat = layer.get("saturated_fraction")
+                row.append("-" if sat is None else f"{100 * sat:.1f}")
+            row += [format_value(layer.get("min")), format_value(layer.get("max"))]
+            if show_grad:
+                row.append(format_value((layer.get("gradient") or {}).get("rms")))
+            rows.append(row)
+        lines += _table(header, align, rows)
+        if capped:
+            lines += ["", f"_Showing the {max_rows} sites with the largest dead share of {len(layers)}; "
+                          "the JSON report (`-f json`) has all of them._"]
+        lines.append("")
+    flow = report.get("gradient_flow")
+    if isinstance(flow, Mapping):
+        if flow.get("available", True):
+            lines += [f"Gradient flow: **{flow.get('verdict', '?')}** (loss {flow.get('loss') or '?'}, "
+                      f"first/last gradient-norm ratio {format_value(flow.get('first_to_last_ratio'))}, "
+                      f"{flow.get('nonfinite', 0)} NaN/Inf gradients)", ""]
+        else:
+            lines += [f"Gradient flow: not measured ({_cell(flow.get('reason', ''))})", ""]
+    notes = [f"⚠️ {_cell(w)}" for w in report.get("warnings") or []]
+    notes += [f"not analysed: {_code(u['name'])} ({_cell(u['reason'])})" for u in report.get("unanalysed") or []]
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    lines += gates_markdown(report.get("gates") or [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _arrow(base: Any, new: Any, fmt: Any = format_value) -> str:
+    if base is None and new is None:
+        return "-"
+    b, n = fmt(base), fmt(new)
+    return n if b == n else f"{b} → {n}"
+
+
+def _signed(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if pct:
+        return f"{100 * value:+.1f} pp"
+    return f"{value:+d}" if isinstance(value, int) else f"{value:+.4g}"
+
+
+def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
+    """Changed, added and removed sites (capped), the model-wide change, gates."""
+    summary = diff["summary"]
+    base_s, new_s, delta_s = summary["base"], summary["new"], summary["delta"]
+    lines = [f"### reluscope diff: {_code(diff['base']['path'])} → {_code(diff['new']['path'])}", ""]
+    dead_delta = delta_s.get("dead_units")
+    lines.append(f"**Dead units: {_arrow(base_s.get('dead_units'), new_s.get('dead_units'))}"
+                 f" ({_signed(dead_delta)})**, dead share {_arrow(base_s.get('dead_fraction'), new_s.get('dead_fraction'), _pct)}, "
+                 f"mean zero fraction {_arrow(base_s.get('mean_zero_fraction'), new_s.get('mean_zero_fraction'), _pct)}")
+    counts = {status: sum(1 for s in diff["sites"] if s["status"] == status)
+              for status in ("changed", "unchanged", "added", "removed")}
+    lines.append(f"<sub>{counts['changed']} changed · {counts['unchanged']} unchanged · {counts['added']} added · "
+                 f"{counts['removed']} removed</sub>")
+    lines.append("")
+    interesting = [s for s in diff["sites"] if s["status"] != "unchanged"]
+    if interesting:
+        rows = []
+        for site in interesting[:max_rows]:
+            b, n, d = site["base"] or {}, site["new"] or {}, site["delta"] or {}
+            dead = _arrow(b.get("dead_units"), n.get("dead_units"))
+            newly = site.get("newly_dead") or []
+            revived = site.get("revived") or []
+            detail = ", ".join(x for x in (f"+{len(newly)} newly dead" if newly else "",
+                                           f"{len(revived)} revived" if revived else "") if x)
+            rows.append([
+                _code(site["name"]), site["status"], dead, _signed(d.get("dead_units")),
+                _arrow(b.get("zero_fraction"), n.get("zero_fraction"), _pct), _signed(d.get("zero_fraction"), pct=True),
+                _arrow(b.get("min"), n.get("min")), _arrow(b.get("max"), n.get("max")), detail,
+            ])
+        lines += _table(["site", "status", "dead", "Δ dead", "zero %", "Δ zero", "min", "max", "unit changes"],
+                        ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---"], rows)
+        if len(interesting) > max_rows:
+            lines += ["", f"_Showing {max_rows} of {len(interesting)} changed sites; `-f json` has all of them._"]
+        lines.append("")
+    else:
+        lines += ["No site changed.", ""]
+    lines += gates_markdown(diff.get("gates") or [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def append_step_summary(text: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """Append to $GITHUB_STEP_SUMMARY when it is set. Returns a warning when that fails, else None."""
+    target = (environ if environ is not None else os.environ).get(STEP_SUMMARY_ENV)
+    if not target:
+        return None
+    try:
+        with Path(target).open("a", encoding="utf-8") as handle:
+            handle.write(text if text.endswith("\n") else text + "\n")
+            handle.write("\n")
+    except OSError as exc:
+        return f"could not append to ${STEP_SUMMARY_ENV} ({target}): {exc.strerror or exc}"
+    return None

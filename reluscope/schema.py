@@ -1,0 +1,254 @@
+"""JSON Schemas (draft 2020-12) of the report (`reluscope schema`) and of a diff (`reluscope schema --diff`).
+
+Strict about what is there: every documented field has its type, range and required-ness, so a
+wrong type or a missing key is rejected. Open about what may come: objects accept extra keys,
+because additive changes keep `schema_version` (DESIGN.md) and a dashboard validating with
+this schema must not break on them. A breaking change bumps `schema_version`, which the schema
+pins with `const`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .report import SCHEMA_VERSION
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+REPORT_ID = f"https://reluscope.dev/schema/report-v{SCHEMA_VERSION}.json"
+DIFF_ID = f"https://reluscope.dev/schema/diff-v{SCHEMA_VERSION}.json"
+
+MODEL_FORMATS = ["torch-state-dict", "torchscript", "torch-export", "torch-pickle", "torch-module", "onnx"]
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+_NUMBER = {"type": "number"}
+_NONNEG = {"type": "number", "minimum": 0}
+_TEXT = {"type": "string"}
+_NAME = {"type": "string", "minLength": 1}
+
+_DEFS: dict[str, Any] = {
+    "count": _COUNT,
+    "fraction": _FRACTION,
+    "unit_list": {
+        "description": "Unit indices along the site's unit axis.",
+        "type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": True,
+    },
+    "gate": {
+        "description": "One --fail-on rule and its verdict. `value`: the model-wide value, or the worst "
+                       "(offending) site's value; null when nothing could be evaluated.",
+        "type": "object",
+        "required": ["rule", "passed", "offenders"],
+        "properties": {
+            "rule": _NAME,
+            "passed": {"type": "boolean"},
+            "offenders": {"type": "array", "items": _NAME},
+            "value": _nullable(_NUMBER),
+        },
+    },
+    "gradient": {
+        "description": "Gradient at the site's output (present when --gradients ran).",
+        "type": "object",
+        "required": ["rms", "zero_fraction"],
+        "properties": {"rms": _nullable(_NONNEG), "zero_fraction": _nullable(_FRACTION)},
+    },
+    "layer": {
+        "description": "One activation site: one call of a ReLU-family activation.",
+        "type": "object",
+        "required": ["name", "op", "shape", "unit_axis", "units", "samples", "zero_fraction", "dead_units",
+                     "dead_fraction", "rarely_active_units", "rarely_active_fraction", "dormant_units", "min", "max",
+                     "mean", "std", "nonfinite", "saturated_fraction"],
+        "properties": {
+            "name": _NAME,
+            "op": _NAME,
+            "tensor": {"description": "ONNX: the site's output tensor.", **_TEXT},
+            "shape": {"description": "Per-sample shape (batch axis dropped).", "type": "array",
+                      "items": {"type": "integer", "minimum": 0}},
+            "unit_axis": {"description": "Index into `shape` of the unit axis.", "type": "integer", "minimum": 0},
+            "units": _COUNT,
+            "samples": _COUNT,
+            "zero_fraction": _FRACTION,
+            "dead_units": {"$ref": "#/$defs/unit_list"},
+            "dead_fraction": _FRACTION,
+            "rarely_active_units": {"$ref": "#/$defs/unit_list"},
+            "rarely_active_fraction": _FRACTION,
+            "dormant_units": {"$ref": "#/$defs/unit_list"},
+            "min": {"description": "Smallest finite output; null when there was none.", **_nullable(_NUMBER)},
+            "max": {"description": "Largest finite output; null when there was none.", **_nullable(_NUMBER)},
+            "mean": _NUMBER,
+            "std": _NONNEG,
+            "nonfinite": _COUNT,
+            "saturated_fraction": {"description": "Share at the upper bound; null for unbounded ops.",
+                                   **_nullable(_FRACTION)},
+            "gradient": {"$ref": "#/$defs/gradient"},
+            "percentiles": {"description": "Output percentiles by name (p1, p50, p99, p99.9), when measured.",
+                            "type": "object", "additionalProperties": _NUMBER},
+        },
+    },
+    "summary": {
+        "type": "object",
+        "required": ["layers", "units", "dead_units", "dead_fraction", "rarely_active_units",
+                     "rarely_active_fraction", "dormant_units", "mean_zero_fraction", "nonfinite"],
+        "properties": {
+            "layers": _COUNT,
+            "units": _COUNT,
+            "dead_units": {"description": "A count (layers[].dead_units are index lists).", **_COUNT},
+            "dead_fraction": _FRACTION,
+            "rarely_active_units": _COUNT,
+            "rarely_active_fraction": _FRACTION,
+            "dormant_units": _COUNT,
+            "mean_zero_fraction": _FRACTION,
+            "nonfinite": _COUNT,
+        },
+    },
+    "parameter_gradient": {
+        "type": "object",
+        "required": ["name", "grad_norm", "weight_norm", "ratio"],
+        "properties": {
+            "name": _NAME,
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "grad_norm": _nullable(_NONNEG),
+            "weight_norm": _nullable(_NONNEG),
+            "ratio": _nullable(_NONNEG),
+        },
+    },
+    "gradient_flow": {
+        "description": "Gradient flow (present when --gradients ran). `available: false` with a `reason` "
+                       "when it could not be measured (e.g. ONNX models).",
+        "type": "object",
+        "properties": {
+            "available": {"type": "boolean"},
+            "reason": _TEXT,
+            "loss": _nullable(_TEXT),
+            "loss_mean": _nullable(_NUMBER),
+            "batches": _COUNT,
+            "verdict": {"enum": ["ok", "vanishing", "exploding"]},
+            "first_layer": _nullable(_TEXT),
+            "last_layer": _nullable(_TEXT),
+            "first_to_last_ratio": _nullable(_NONNEG),
+            "thresholds": {"type": "object", "additionalProperties": _NUMBER},
+            "nonfinite": _COUNT,
+            "parameters": {"type": "array", "items": {"$ref": "#/$defs/parameter_gradient"}},
+        },
+        "if": {"required": ["available"], "properties": {"available": {"const": False}}},
+        "then": {"required": ["available", "reason"]},
+        "else": {"required": ["loss", "verdict", "nonfinite", "parameters"]},
+    },
+}
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of `reluscope analyze -f json` reports."""
+    return {
+        "$schema": DRAFT,
+        "$id": REPORT_ID,
+        "title": "reluscope report",
+        "description": "Activation health of a trained network: one entry per ReLU-family activation site. "
+                       "Additive changes keep schema_version; objects may gain keys.",
+        "type": "object",
+        "required": ["schema_version", "tool", "model", "data", "run", "layers", "summary", "warnings", "gates"],
+        "properties": {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "tool": {
+                "type": "object", "required": ["name", "version"],
+                "properties": {"name": {"const": "reluscope"}, "version": _NAME},
+            },
+            "model": {
+                "type": "object", "required": ["path", "format", "sha256"],
+                "properties": {
+                    "path": _nullable(_TEXT),
+                    "format": {"enum": MODEL_FORMATS},
+                    "sha256": _nullable({"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+                },
+            },
+            "data": {
+                "type": "object", "required": ["source", "samples", "synthetic"],
+                "properties": {"source": _TEXT, "samples": _COUNT, "synthetic": {"type": "boolean"}},
+            },
+            "run": {
+                "type": "object", "required": ["backend", "device", "seconds"],
+                "properties": {
+                    "backend": {"enum": ["torch", "onnxruntime"]},
+                    "device": _NAME,
+                    "seconds": _NONNEG,
+                    "rare_threshold": _FRACTION,
+                    "dormant_tau": _NONNEG,
+                    "batch_size": {"type": "integer", "minimum": 1},
+                },
+            },
+            "layers": {"type": "array", "items": {"$ref": "#/$defs/layer"}},
+            "summary": {"$ref": "#/$defs/summary"},
+            "warnings": {"type": "array", "items": _TEXT},
+            "unanalysed": {
+                "description": "Sites found in the model but not measured, with the reason.",
+                "type": "array",
+                "items": {"type": "object", "required": ["name", "reason"],
+                          "properties": {"name": _TEXT, "reason": _TEXT}},
+            },
+            "gradient_flow": {"$ref": "#/$defs/gradient_flow"},
+            "gates": {"type": "array", "items": {"$ref": "#/$defs/gate"}},
+        },
+        "$defs": _DEFS,
+    }
+
+
+_METRICS = {"type": "object", "additionalProperties": _nullable(_NUMBER)}
+_SIDE = {
+    "type": "object", "required": ["path", "model"],
+    "properties": {"path": _TEXT, "model": {"type": "object"}, "samples": _nullable(_COUNT)},
+}
+
+
+def diff_schema() -> dict[str, Any]:
+    """The JSON Schema of `reluscope diff -f json` output."""
+    return {
+        "$schema": DRAFT,
+        "$id": DIFF_ID,
+        "title": "reluscope diff",
+        "description": "Per-site changes between two reluscope reports (BASE -> NEW), matched by site name. "
+                       "Metric objects map a metric (unit lists as counts) to its value; delta = NEW - BASE.",
+        "type": "object",
+        "required": ["schema_version", "kind", "tool", "base", "new", "sites", "added", "removed", "summary",
+                     "gates"],
+        "properties": {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "kind": {"const": "diff"},
+            "tool": {"type": "object", "required": ["name", "version"],
+                     "properties": {"name": {"const": "reluscope"}, "version": _NAME}},
+            "base": _SIDE,
+            "new": _SIDE,
+            "sites": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "status", "base", "new", "delta"],
+                    "properties": {
+                        "name": _NAME,
+                        "status": {"enum": ["changed", "unchanged", "added", "removed"]},
+                        "base": _nullable(_METRICS),
+                        "new": _nullable(_METRICS),
+                        "delta": _nullable(_METRICS),
+                        "newly_dead": _nullable({"$ref": "#/$defs/unit_list"}),
+                        "revived": _nullable({"$ref": "#/$defs/unit_list"}),
+                    },
+                },
+            },
+            "added": {"type": "array", "items": _NAME},
+            "removed": {"type": "array", "items": _NAME},
+            "summary": {
+                "type": "object", "required": ["base", "new", "delta"],
+                "properties": {"base": _METRICS, "new": _METRICS, "delta": _METRICS},
+            },
+            "gates": {"type": "array", "items": {"$ref": "#/$defs/gate"}},
+        },
+        "$defs": {"unit_list": _DEFS["unit_list"], "gate": _DEFS["gate"]},
+    }
+
+
+def schema_json(diff: bool = False) -> str:
+    return json.dumps(diff_schema() if diff else report_schema(), indent=2)
