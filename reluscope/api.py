@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .config import AnalyzeConfig
-from .errors import ModelRunError, ReluscopeError, UsageError
+from .errors import InputError, ModelRunError, ReluscopeError, UsageError
 from .report import Report, Thresholds, build_layer, build_summary
 
 SYNTHETIC_WARNING = ("no --data given: analysing synthetic normal inputs. Dead-unit and sparsity findings on random "
@@ -70,7 +70,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     finally:
         shutdown(world)
     if run.samples == 0:
-        raise ReluscopeError(f"calibration data {source.description} yielded no samples")
+        raise InputError(f"calibration data {source.description} yielded no samples; give at least one sample")
     if len(run.recorder) == 0:
         run.warnings.append("no ReLU-family activation was called during the forward pass; nothing to analyse")
 

@@ -76,6 +76,8 @@ def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
         array = np.asarray(value)
         if array.dtype == object or array.dtype.kind not in "biuf":
             raise InputError(f"calibration {what} has dtype {array.dtype}; give numeric arrays")
+        if not array.flags.writeable:
+            array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.dtype == torch.float64:
         tensor = tensor.float()  # numpy's default is float64; models are float32
@@ -151,6 +153,9 @@ def from_object(data: Any, *, input_shape: Sequence[int] | None = None) -> DataS
         return DataSource("in-memory array", False, int(data.shape[0]), arrays=(data,))
     if isinstance(data, Mapping):
         return _from_mapping(dict(data), "in-memory mapping")
+    if isinstance(data, tuple) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data):
+        # A tuple is one dataset ((x, y) or several inputs); a list is a sequence of batches.
+        return _from_torch_object(tuple(torch.as_tensor(v) for v in data), "in-memory tuple")
     if isinstance(data, Iterable):
         return DataSource("iterable of batches", False, None, iterable=data)
     raise UsageError(f"data must be a path, an array, a tensor or an iterable of batches, not {type(data).__name__}")
@@ -273,17 +278,28 @@ def synthetic(input_shape: Sequence[int] | None, samples: int = SYNTHETIC_SAMPLE
 
 
 class _SyntheticStack:
-    """Standard normal inputs generated per slice from a fixed seed (reproducible, never all in memory)."""
+    """Standard normal inputs, reproducible and never all in memory: samples come in fixed
+    chunks, each drawn from its own seed, so any slicing (any --batch-size) sees the same data."""
+
+    CHUNK = 64
 
     def __init__(self, shape: tuple[int, ...], samples: int, seed: int) -> None:
         self.sample_shape, self.seed = shape, seed
         self.shape = (samples, *shape)
         self.ndim = len(self.shape)
 
+    def _chunk(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn((self.CHUNK, *self.sample_shape), generator=generator)
+
     def __getitem__(self, index: slice) -> torch.Tensor:
         start, stop, _ = index.indices(self.shape[0])
-        generator = torch.Generator().manual_seed(self.seed + start)
-        return torch.randn((stop - start, *self.sample_shape), generator=generator)
+        if stop <= start:
+            return torch.empty((0, *self.sample_shape))
+        first, last = start // self.CHUNK, (stop - 1) // self.CHUNK
+        block = torch.cat([self._chunk(i) for i in range(first, last + 1)])
+        offset = first * self.CHUNK
+        return block[start - offset:stop - offset]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

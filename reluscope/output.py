@@ -14,18 +14,21 @@ def check_writable(path: Path) -> None:
     """Fail before the analysis, not after it, when the report could not be written."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise InputError(f"-o {path} is a folder; give a file path for the report")
-    if not parent.exists():
-        raise InputError(f"-o {path}: folder {parent} does not exist; create it or choose another path")
+        raise InputError(f"cannot write {path}: it is a folder; give a file path")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: {parent} is not an existing folder; create it or choose another path")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"-o {path}: folder {parent} is not writable; choose another path")
+        raise InputError(f"cannot write {path}: folder {parent} is not writable; choose another path")
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename over it: readers see all or nothing."""
     check_writable(path)
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

@@ -124,8 +124,6 @@ def test_labels_are_not_fed_to_the_model(x: torch.Tensor) -> None:
     assert seen == [10, 3]
 
 
-@pytest.mark.xfail(strict=True, raises=ModelRunError, reason="BUG: an in-memory (x, y) tuple is taken as an iterable "
-                   "of two batches (x, then y), while the same tuple saved with torch.save loads as a data set")
 def test_an_xy_tuple_is_a_data_set_like_its_saved_form(x: torch.Tensor) -> None:
     labels = torch.arange(len(x)) % 10
     report = reluscope.analyze(make_net(), (x, labels), batch_size=32)

@@ -110,8 +110,6 @@ def test_files_end_to_end(arrays, tmp_path: Path) -> None:
         assert layer["mean"] == pytest.approx(relu.mean(), rel=1e-6), name
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: .npy data is memory-mapped read-only and wrapped by torch.from_numpy "
-                   "without a copy: a model that writes to its input in place crashes the process (SIGSEGV)")
 def test_npy_with_a_model_that_writes_to_its_input(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32))
     code = textwrap.dedent(f"""
@@ -209,8 +207,6 @@ def test_synthetic_is_deterministic() -> None:
     assert not torch.equal(a, _collect(sources.synthetic((2, 3), seed=1), 16)[1])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: synthetic inputs are seeded per batch start, so --batch-size changes "
-                   "the data (and the report) beyond the first batch")
 def test_synthetic_does_not_depend_on_batch_size() -> None:
     a = _collect(sources.synthetic((2, 3)), 16)[1]
     b = _collect(sources.synthetic((2, 3)), 64)[1]
@@ -284,8 +280,6 @@ def test_empty_in_memory_data(empty) -> None:
     assert info.value.exit_code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): empty in-memory data raises the base ReluscopeError from "
-                   "api.run_analysis instead of InputError like an empty file does")
 def test_empty_in_memory_data_is_an_input_error() -> None:
     with pytest.raises(InputError):
         reluscope.analyze(nn.Sequential(nn.ReLU()), np.zeros((0, 4), dtype=np.float32))

@@ -138,8 +138,6 @@ def test_state_dict_without_arch_asks_for_arch(samples_dir: Path, calib_path: Pa
         reluscope.analyze(samples_dir / "digits_mlp.pt", calib_path)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: load_state_dict(strict=False) still raises "
-                   "RuntimeError on a size mismatch; loaders/torch.py lets it escape, so the CLI exits 3")
 def test_state_dict_with_the_wrong_arch(samples_dir: Path, calib_path: Path) -> None:
     with pytest.raises(InputError, match="do not fit"):
         reluscope.analyze(samples_dir / "digits_mlp.pt", calib_path, arch=arch_spec("digits_cnn"))

@@ -149,8 +149,6 @@ def test_nonfinite_through_analyze_and_json() -> None:
     assert "NaN" not in report.to_json() and "Infinity" not in report.to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a NaN output of a hard-zero site counts as active "
-                   "(stats.update uses count_nonzero, and NaN != 0); DESIGN says active means output > 0")
 def test_nan_output_is_not_active() -> None:
     stats = _fresh("relu", (2,), 0)
     stats.update(torch.tensor([[float("nan"), 1.0], [float("nan"), 2.0]]))
@@ -158,8 +156,6 @@ def test_nan_output_is_not_active() -> None:
     assert layer["dead_units"] == [0]  # unit 0 never produced an output > 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: one NaN output makes abs_sum NaN, which silently empties the "
-                   "site's dormant_units (NaN <= x is False)")
 def test_one_nan_does_not_hide_dormant_units() -> None:
     stats = _fresh("gelu", (3,), 0)
     stats.update(torch.tensor([[float("nan"), 1e-5, 1.0], [1.0, 1e-5, 2.0], [2.0, 1e-5, 1.0]]))

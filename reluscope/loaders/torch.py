@@ -106,7 +106,12 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel/DDP
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        raise InputError(f"the weights in {path} do not fit the --arch model ({detail}): "
+                         "check that --arch builds the same architecture") from exc
     problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:5])}" + (" ..." if len(result.missing_keys) > 5 else ""))
