@@ -121,6 +121,7 @@ ANALYZE_KEYS: dict[str, tuple[str, Callable[[Path], Callable[[Any], Any]]]] = {
     "rare-threshold": ("rare_threshold", lambda base: _float),
     "dormant-tau": ("dormant_tau", lambda base: _float),
     "gradients": ("gradients", lambda base: _bool),
+    "percentiles": ("percentiles", lambda base: _bool),
     "loss": ("loss", lambda base: _str),
     "fail-on": ("fail_on", lambda base: _rules),
     "junit": ("junit", _path),

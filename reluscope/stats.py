@@ -99,10 +99,11 @@ class SiteStats:
         bmin, bmax = torch.aminmax(y)
         bsumsq = torch.linalg.vector_norm(y).double() ** 2
         clean = y
-        # NaN/Inf poison every reduction. On the CPU a host branch is free, so the masked path
-        # runs only for batches that hold them; on an accelerator it always runs, which keeps
-        # the update free of host syncs (a fused kernel would make it cheap: issue 6).
-        if y.device.type != "cpu" or not bool(torch.isfinite(bmin) & torch.isfinite(bmax) & torch.isfinite(bsumsq)):
+        # NaN/Inf poison every reduction, and any of them makes the sum of squares non-finite.
+        # On the CPU a host branch is free, so the masked path runs only for batches that hold
+        # them; on an accelerator it always runs, which keeps the update free of host syncs
+        # (a fused kernel would make it cheap: issue 6).
+        if y.device.type != "cpu" or not bool(torch.isfinite(bsumsq)):
             ok = torch.isfinite(y)
             self.nonfinite += y.numel() - ok.sum()
             clean = torch.where(ok, y, 0.0)  # zero is inactive under every definition
