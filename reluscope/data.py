@@ -4,7 +4,6 @@ in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy)."
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -312,7 +311,3 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not shape or any(d < 1 for d in shape):
         raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
     return shape
-
-
-def count_batches(samples: int | None, batch_size: int) -> int | None:
-    return None if samples is None else math.ceil(samples / batch_size)

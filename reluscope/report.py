@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -140,11 +140,3 @@ class Report:
     @property
     def names(self) -> list[str]:
         return [entry["name"] for entry in self.layers]
-
-
-def layers_from(infos: Iterable[SiteInfo], hosts: Iterable[dict[str, Any]], thresholds: Thresholds,
-                activations: Iterable[Any]) -> list[dict[str, Any]]:
-    return [
-        build_layer(info, host, thresholds, hard_zero=act.hard_zero, upper=act.upper)
-        for info, host, act in zip(infos, hosts, activations)
-    ]

@@ -136,7 +136,3 @@ def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | No
     if base in _SMOOTH:
         return Activation(base, hard_zero=False, inplace=inplace)
     return None
-
-
-SUPPORTED_OPS = ("relu", "relu6", "clamp", "leaky_relu", "prelu", "elu", "selu", "celu", "gelu", "silu",
-                 "hardswish", "mish")

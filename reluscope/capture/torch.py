@@ -154,7 +154,7 @@ class TorchCapture:
             if self._plan_index < len(self.plan) and self.plan[self._plan_index][1] == act.op:
                 base = self.plan[self._plan_index][0]
             else:  # the graph ran differently from its node list: still a site, named by op
-                base = act.op
+                base = table.functional_site_name("", act.op)
             self._plan_index += 1
             return base
         for module in reversed(self._stack):
