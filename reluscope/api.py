@@ -55,7 +55,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     source = data_sources.from_object(data, input_shape=config.input_shape)
     onnx = loaded.format == "onnx"
     world = world_from_env() if not onnx else World()
-    dev = resolve_device(config.device, None if onnx else loaded.module, world.local_rank)
+    dev = resolve_onnx_device(config.device) if onnx else resolve_device(config.device, loaded.module, world.local_rank)
     recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
                             percentiles=config.percentiles)
     run = _Run(config, source, recorder,
@@ -242,6 +242,18 @@ def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> A
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+def resolve_onnx_device(requested: str) -> Any:
+    """auto for ONNX: CUDA only when onnxruntime itself has its CUDA provider (onnxruntime-gpu)."""
+    import torch
+
+    if requested.lower() == "auto":
+        import onnxruntime
+
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return torch.device("cuda" if has_cuda else "cpu")
+    return resolve_device(requested)
 
 
 @contextlib.contextmanager

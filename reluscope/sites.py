@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 class Activation:
     """What a site computes, as far as the statistics care."""
 
-    op: str  # report label: relu, relu6, clamp, leaky_relu, prelu, elu, selu, celu, gelu, silu, hardswish, mish
+    op: str  # report label: relu, relu6, clamp, leaky_relu, prelu, elu, selu, celu, gelu, silu, hardswish, mish,
+    #          hardsigmoid; ONNX graphs add thresholded_relu
     hard_zero: bool  # True when every inactive output is exactly 0 (ReLU, ReLU6, clamp(min=0))
     upper: float | None = None  # saturation bound (ReLU6's 6, clamp's max)
     active_from_input: bool = False  # PReLU: a negative slope can make outputs of negative inputs positive
@@ -40,6 +41,7 @@ _INPLACE_ARG = {
     "selu": 1,
     "silu": 1,
     "hardswish": 1,
+    "hardsigmoid": 1,
     "mish": 1,
 }
 
@@ -131,6 +133,8 @@ def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | No
         if high == 6:
             return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
         return Activation("clamp", hard_zero=True, upper=None if high is None else float(high), inplace=inplace)
+    if base == "hardsigmoid":  # MobileNetV3's gates: exactly 0 below -3, saturates at 1
+        return Activation("hardsigmoid", hard_zero=True, upper=1.0, inplace=inplace)
     if base in ("prelu", "_prelu_kernel"):
         return Activation("prelu", hard_zero=False, active_from_input=True, inplace=False)
     if base in _SMOOTH:

@@ -132,6 +132,22 @@ class SiteStats:
         if self.hist is not None:
             histogram.update(self.hist, y)
 
+    @torch.no_grad()
+    def add_reduced(self, *, samples: int, elements: int, active: torch.Tensor, total: float, squares: float,
+                    low: float, high: float, abs_sum: torch.Tensor | None = None, saturated: int = 0) -> None:
+        """Fold a batch that a backend already reduced (per-unit active counts and |y| sums, sums,
+        extremes over finite values), e.g. inside an ONNX graph. Same merge operators as `update`."""
+        self.samples += samples
+        self.elements += elements
+        self.active += active.to(self.device, torch.int64)
+        if self.abs_sum is not None and abs_sum is not None:
+            self.abs_sum += abs_sum.to(self.device, torch.float64)
+        self.saturated += saturated
+        self.vmin.clamp_(max=low)
+        self.vmax.clamp_(min=high)
+        self.vsum += total
+        self.vsumsq += squares
+
     # ------------------------------------------------------------------- merge
     def merge(self, other: "SiteStats") -> None:
         """Fold another accumulator of the same site (another shard or process) into this one."""

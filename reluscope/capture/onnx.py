@@ -395,16 +395,17 @@ def _exact(reduced: _Reduced, shape: np.ndarray, get: Rows) -> bool:
 
 
 def _fold(stats: SiteStats, reduced: _Reduced, shape: np.ndarray, get: Rows) -> None:
-    """Add one batch's in-graph reductions to a site's accumulators, as SiteStats.update would."""
+    """Add one batch's in-graph reductions to a site's accumulators."""
     rows = len(get(reduced.low))
-    stats.samples += rows
-    stats.elements += rows * math.prod(int(d) for d in shape[1:])
-    stats.active += torch.from_numpy(get(reduced.active).sum(axis=0, dtype=np.float64).astype(np.int64))
-    if stats.abs_sum is not None and reduced.abs_total is not None:
-        stats.abs_sum += torch.from_numpy(get(reduced.abs_total).sum(axis=0, dtype=np.float64))
-    if reduced.saturated is not None:
-        stats.saturated += int(get(reduced.saturated).sum(dtype=np.float64))
-    stats.vmin.clamp_(max=float(get(reduced.low).min()))  # vmin = min(vmin, batch min), in place
-    stats.vmax.clamp_(min=float(get(reduced.high).max()))
-    stats.vsum += float(get(reduced.total).sum(dtype=np.float64))
-    stats.vsumsq += float(get(reduced.squares).sum(dtype=np.float64))
+    stats.add_reduced(
+        samples=rows,
+        elements=rows * math.prod(int(d) for d in shape[1:]),
+        active=torch.from_numpy(get(reduced.active).sum(axis=0, dtype=np.float64).round().astype(np.int64)),
+        abs_sum=None if reduced.abs_total is None else torch.from_numpy(get(reduced.abs_total).sum(axis=0,
+                                                                                                  dtype=np.float64)),
+        saturated=0 if reduced.saturated is None else int(get(reduced.saturated).sum(dtype=np.float64)),
+        low=float(get(reduced.low).min()),
+        high=float(get(reduced.high).max()),
+        total=float(get(reduced.total).sum(dtype=np.float64)),
+        squares=float(get(reduced.squares).sum(dtype=np.float64)),
+    )

@@ -22,7 +22,7 @@ from .recorder import CHANNEL, LAST, SiteRecorder
 # Activation modules: a site inside one of these is named after the module itself.
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Hardswish, nn.Mish,
+    nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
 )
 _ACTIVATION_TYPE_NAMES = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in ACTIVATION_MODULES)
 
@@ -30,7 +30,7 @@ _ACTIVATION_TYPE_NAMES = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cl
 _CANDIDATES = frozenset(
     name + suffix
     for name in ("relu", "relu6", "hardtanh", "clamp", "clip", "clamp_min", "leaky_relu", "prelu",
-                 "_prelu_kernel", "elu", "selu", "celu", "gelu", "silu", "hardswish", "mish")
+                 "_prelu_kernel", "elu", "selu", "celu", "gelu", "silu", "hardswish", "hardsigmoid", "mish")
     for suffix in ("", "_")
 )
 _LAYOUT_ATTR = "_reluscope_layout"

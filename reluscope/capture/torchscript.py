@@ -20,7 +20,7 @@ from ..errors import InputError
 from .recorder import CHANNEL, LAST, SiteRecorder
 
 _ACTIVATION_TYPES = frozenset(
-    {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Hardswish", "Mish"}
+    {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid", "Mish"}
 )
 _HIERARCHY_PART = re.compile(r"([^.()]*)\(([^)]*)\)")
 
