@@ -23,6 +23,7 @@ class SiteInfo:
     shape: tuple[int, ...]
     unit_axis: int
     tensor: str | None = None  # ONNX: the output tensor's name
+    module: str | None = None  # ONNX: the PyTorch site name, when the exporter recorded it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *,
         "name": info.name,
         "op": info.op,
         **({"tensor": info.tensor} if info.tensor is not None else {}),
+        **({"module": info.module} if info.module is not None else {}),
         "shape": list(info.shape),
         "unit_axis": info.unit_axis,
         "units": units,

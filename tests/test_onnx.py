@@ -498,3 +498,11 @@ def test_cuda_without_onnxruntime_gpu_is_a_usage_error(zoo: tuple[nn.Module, Pat
     _, path, _ = zoo
     with pytest.raises(UsageError, match="onnxruntime-gpu"):
         OnnxCapture(onnx.load(path), SiteRecorder(), device="cuda")
+
+
+def test_sites_carry_the_pytorch_name_from_the_exporter_metadata(samples_dir: Path, calib_path: Path) -> None:
+    """node_relu_2 is traced back to the module the torch path names: the same name in both reports."""
+    torch_report = reluscope.analyze(samples_dir / "digits_cnn.pt2", calib_path)
+    onnx_report = reluscope.analyze(samples_dir / "digits_cnn.onnx", calib_path)
+    assert [layer["module"] for layer in onnx_report.layers] == torch_report.names == ["relu#0", "relu()", "relu#1"]
+    assert [layer["name"] for layer in onnx_report.layers] != torch_report.names  # names stay the node names

@@ -355,7 +355,7 @@ class OnnxCapture:
         for plan, get in zip(self._plans, rows):
             out, inp = _tensors(plan, get if plan.reduced is None else partial(get, stop=1))
             self.recorder.record(plan.site.name, plan.site.activation, out, inp, layout=plan.site.layout,
-                                 tensor=plan.site.tensor)
+                                 tensor=plan.site.tensor, module=plan.site.module)
         self._stats = [stats for _, _, stats in self.recorder.sites()[before:]]
 
     def _fetch(self, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

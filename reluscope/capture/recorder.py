@@ -31,6 +31,7 @@ class _Site:
     stats: SiteStats
     tensor: str | None
     grad: SiteGradStats | None = None
+    module: str | None = None
 
 
 def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None) -> int:
@@ -69,6 +70,7 @@ class SiteRecorder:
 
     def record(self, base: str, activation: Activation, output: torch.Tensor, inp: torch.Tensor | None = None,
                layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
+               module: str | None = None,
                batched: bool = True) -> None:
         call = self._calls.get(base, 0)
         self._calls[base] = call + 1
@@ -79,7 +81,7 @@ class SiteRecorder:
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
             stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles)
             grad = SiteGradStats.on(output.device) if self.gradients else None
-            site = _Site(base, call, activation, stats, tensor, grad)
+            site = _Site(base, call, activation, stats, tensor, grad, module)
             self._sites[(base, call)] = site
         site.stats.update(output, inp)
         if site.grad is not None and output.requires_grad:
@@ -96,7 +98,8 @@ class SiteRecorder:
         out = []
         for site in self._sites.values():
             name = f"{site.base}#{site.call}" if site.base in multi else site.base
-            info = SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor)
+            info = SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor,
+                            site.module)
             out.append((info, site.activation, site.stats))
         return out
 

@@ -24,7 +24,7 @@ ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
     nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
 )
-_ACTIVATION_TYPE_NAMES = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in ACTIVATION_MODULES)
+ACTIVATION_TYPE_NAMES = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in ACTIVATION_MODULES)
 
 # Cheap pre-filter: names that may be a site (classify() decides with the arguments).
 _CANDIDATES = frozenset(
@@ -82,7 +82,7 @@ def export_site_plan(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]
         if not isinstance(type_name, str):
             type_name = f"{type_name.__module__}.{type_name.__qualname__}"
         path = _clean_export_path(path)
-        if type_name in _ACTIVATION_TYPE_NAMES and path:
+        if type_name in ACTIVATION_TYPE_NAMES and path:
             plan.append((path, act.op))
         else:
             plan.append((table.functional_site_name(path, act.op), act.op))

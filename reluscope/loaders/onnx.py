@@ -65,6 +65,7 @@ class OnnxSite:
     input: str  # the activation's input tensor (PReLU's active region is read from it)
     activation: Activation
     layout: str | None  # recorder.CHANNEL / recorder.LAST / None (rank heuristic)
+    module: str | None = None  # the PyTorch site name, from the exporter's metadata (see torch_site_names)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -297,6 +298,43 @@ def _control_flow_sites(graph_proto: onnx.GraphProto, opset: int) -> Iterator[di
 def find_sites(model: onnx.ModelProto) -> tuple[list[OnnxSite], list[dict[str, Any]]]:
     """Sites of the main graph in graph (execution) order, and the sites it cannot expose."""
     opset = default_opset(model)
-    sites = [OnnxSite(_site_name(node), node.output[0], inp, act, graph.layout(inp))
-             for node, act, inp, graph in _sites_of(model.graph, opset)]
+    found = list(_sites_of(model.graph, opset))
+    modules = torch_site_names([(node, act) for node, act, _, _ in found])
+    sites = [OnnxSite(_site_name(node), node.output[0], inp, act, graph.layout(inp), module)
+             for (node, act, inp, graph), module in zip(found, modules)]
     return sites, list(_control_flow_sites(model.graph, opset))
+
+
+def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str | None]:
+    """What the PyTorch path would call each site, from the dynamo exporter's per-node metadata
+    (`pkg.torch.onnx.name_scopes`: module qualnames, `...class_hierarchy`: their classes), so that
+    `node_relu_2` can be traced back to `features.3`. None for graphs without that metadata.
+    The exporter may fold sites away (relu(relu(x)) becomes one Relu), so names, not positions,
+    are what relate the two reports."""
+    import ast
+
+    from ..capture.torch import ACTIVATION_TYPE_NAMES
+    from ..sites import functional_site_name
+
+    bases: list[str | None] = []
+    for node, act in nodes:
+        props = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(props["pkg.torch.onnx.name_scopes"])
+            classes = ast.literal_eval(props["pkg.torch.onnx.class_hierarchy"])
+        except (KeyError, ValueError, SyntaxError):
+            bases.append(None)
+            continue
+        path = scopes[-2] if len(scopes) >= 3 else ""  # [root "", module qualnames..., the aten node]
+        owner = classes[-2] if len(classes) >= 2 else ""
+        bases.append(path if path and owner in ACTIVATION_TYPE_NAMES else functional_site_name(path, act.op))
+    repeated = {b for b in bases if b is not None and bases.count(b) > 1}
+    calls: dict[str, int] = {}
+    names: list[str | None] = []
+    for base in bases:
+        if base in repeated:
+            names.append(f"{base}#{calls.setdefault(base, 0)}")
+            calls[base] += 1
+        else:
+            names.append(base)
+    return names
