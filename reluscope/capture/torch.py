@@ -134,7 +134,9 @@ class TorchCapture:
         self.model = model
         self.recorder = recorder
         self.plan = plan  # names for flattened exported graphs
-        self._names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self._names: dict[int, str] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self._names.setdefault(id(module), name)  # a shared module keeps its first name
         self._stack: list[nn.Module] = []
         self._handles: list[RemovableHandle] = []
         self._mode: _ActivationMode | None = None
