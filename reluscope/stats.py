@@ -40,6 +40,11 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
     return values.sum(dim=other, dtype=torch.float64)
 
 
+def defers_nonfinite(device: torch.device) -> bool:
+    """Whether NaN/Inf handling waits for the end of the run: where a host sync is not free."""
+    return torch.device(device).type != "cpu"
+
+
 @dataclass
 class SiteStats:
     """Accumulators for one activation site."""
@@ -49,6 +54,8 @@ class SiteStats:
     unit_axis: int  # index into `shape`
     device: torch.device
     percentiles: bool = False  # keep a streaming histogram (see histogram.py)
+    masked: bool = False  # always take the NaN/Inf-safe path
+    defer_nonfinite: bool | None = None  # None: on accelerators (see update)
     elements: int = 0  # host-side: shapes are metadata, counting them costs no sync
     samples: int = 0
     active: torch.Tensor = field(init=False)  # int64 [units]: elements in the active region
@@ -60,6 +67,7 @@ class SiteStats:
     vsum: torch.Tensor = field(init=False)  # float64 sum over finite outputs
     vsumsq: torch.Tensor = field(init=False)
     hist: torch.Tensor | None = field(init=False)
+    poisoned: torch.Tensor = field(init=False)  # bool scalar: a deferred batch held NaN/Inf
 
     def __post_init__(self) -> None:
         units = self.units
@@ -73,6 +81,9 @@ class SiteStats:
         self.vsum = torch.zeros((), dtype=torch.float64, device=dev)
         self.vsumsq = torch.zeros((), dtype=torch.float64, device=dev)
         self.hist = histogram.empty(not self.activation.hard_zero, dev) if self.percentiles else None
+        self.poisoned = torch.zeros((), dtype=torch.bool, device=dev)
+        if self.defer_nonfinite is None:
+            self.defer_nonfinite = defers_nonfinite(dev)
 
     @property
     def units(self) -> int:
@@ -100,10 +111,13 @@ class SiteStats:
         bsumsq = torch.linalg.vector_norm(y).double() ** 2
         clean = y
         # NaN/Inf poison every reduction, and any of them makes the sum of squares non-finite.
-        # On the CPU a host branch is free, so the masked path runs only for batches that hold
-        # them; on an accelerator it always runs, which keeps the update free of host syncs
-        # (a fused kernel would make it cheap: issue 6).
-        if y.device.type != "cpu" or not bool(torch.isfinite(bsumsq)):
+        # Where a host branch is free (the CPU) the masked path runs for the batches that hold
+        # them. On an accelerator that branch would be a sync per site and batch, so the fast
+        # path runs and a device-side flag remembers the poison; the analysis reads the flags
+        # once at the end and, if any is set, measures again in `masked` mode (see api.py).
+        if self.defer_nonfinite and not self.masked:
+            self.poisoned |= ~torch.isfinite(bsumsq)
+        elif self.masked or not bool(torch.isfinite(bsumsq)):
             ok = torch.isfinite(y)
             self.nonfinite += y.numel() - ok.sum()
             clean = torch.where(ok, y, 0.0)  # zero is inactive under every definition
@@ -153,6 +167,7 @@ class SiteStats:
         """Fold another accumulator of the same site (another shard or process) into this one."""
         if other.shape != self.shape or other.unit_axis != self.unit_axis:
             raise ValueError("cannot merge statistics of differently shaped sites")
+        self.poisoned |= other.poisoned.to(self.device)
         self.elements += other.elements
         self.samples += other.samples
         self.active += other.active.to(self.device)
@@ -173,6 +188,8 @@ class SiteStats:
 
         for tensor in (self.active, self.saturated, self.nonfinite, self.vsum, self.vsumsq):
             all_reduce(tensor, "sum")
+        poisoned = self.poisoned.to(torch.int32)
+        self.poisoned = all_reduce(poisoned, "max").bool()
         for optional in (self.abs_sum, self.hist):
             if optional is not None:
                 all_reduce(optional, "sum")

@@ -57,10 +57,12 @@ def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None
 
 
 class SiteRecorder:
-    def __init__(self, unit_axis: int | None = None, gradients: bool = False, percentiles: bool = False) -> None:
+    def __init__(self, unit_axis: int | None = None, gradients: bool = False, percentiles: bool = False,
+                 masked: bool = False) -> None:
         self.unit_axis_override = unit_axis
         self.gradients = gradients
         self.percentiles = percentiles
+        self.masked = masked  # NaN/Inf-safe statistics on every batch (the re-run after a poisoned one)
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
 
@@ -79,7 +81,8 @@ class SiteRecorder:
             shape = tuple(output.shape[1:] if batched else output.shape)
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
-            stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles)
+            stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles,
+                              masked=self.masked)
             grad = SiteGradStats.on(output.device) if self.gradients else None
             site = _Site(base, call, activation, stats, tensor, grad, module)
             self._sites[(base, call)] = site
@@ -105,6 +108,23 @@ class SiteRecorder:
 
     def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
         return [(info, act, stats.to_host()) for info, act, stats in self.sites()]
+
+    def poisoned(self) -> list[str]:
+        """Sites whose deferred statistics saw NaN/Inf (one host read for all of them)."""
+        import torch
+
+        sites = self.sites()
+        if not sites:
+            return []
+        device = sites[0][2].poisoned.device
+        flags = torch.stack([stats.poisoned.to(device) for _, _, stats in sites]).cpu().tolist()
+        return [info.name for (info, _, _), flag in zip(sites, flags) if flag]
+
+    def fresh(self, **changes: Any) -> "SiteRecorder":
+        """An empty recorder with the same settings (for a run that starts over)."""
+        settings = {"unit_axis": self.unit_axis_override, "gradients": self.gradients,
+                    "percentiles": self.percentiles, "masked": self.masked}
+        return SiteRecorder(**{**settings, **changes})
 
     def all_reduce(self) -> None:
         """Merge every site across torch.distributed ranks; all ranks must have seen the same sites."""
