@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -108,7 +109,13 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 def run_guarded(action: Callable[[], int], debug: bool) -> None:
     """Run a command body, mapping errors to the exit-code contract."""
     try:
-        code = action()
+        with warnings.catch_warnings():
+            if not debug:
+                # Python warnings from torch/numpy/onnx (e.g. torch.load's notes on a damaged pickle's
+                # protocol) would print two lines of library source before our one line; reluscope's
+                # own warnings go through the report and err_console, not this module.
+                warnings.simplefilter("ignore")
+            code = action()
     except typer.Exit:
         raise
     except ReluscopeError as exc:
@@ -156,7 +163,8 @@ def analyze(
     percentiles: bool = typer.Option(False, "--percentiles", help="Also report p1/p50/p99/p99.9 of each site's outputs "
                                      "(streaming histogram, relative error <= 0.4%; costs extra passes)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow unpickling code from the checkpoint "
-                                          "(a whole pickled nn.Module). Only for files you trust."),
+                                          "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for "
+                                          "files you trust."),
     fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", metavar="RULE", help=FAIL_ON_HELP),
     junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write the gate results as "
                                          "JUnit XML (one test case per --fail-on rule)."),

@@ -4,6 +4,9 @@ in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy)."
 
 from __future__ import annotations
 
+import math
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, UsageError
+from .loaders import check_readable_file, unpickling_refused
 
 INPUT_KEYS = ("x", "inputs", "input", "data")
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -68,13 +72,26 @@ class DataSource:
         return self.samples if max_samples is None else min(self.samples, max_samples)
 
 
+_DTYPE_KINDS = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates",
+                "m": "time spans", "V": "structured records"}
+
+
+def _wrong_dtype(what: str, dtype: Any, kind: str) -> InputError:
+    return InputError(f"calibration {what} has dtype {dtype} ({_DTYPE_KINDS.get(kind, 'not numbers')}); give real "
+                      "numbers: float, integer or bool arrays")
+
+
 def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value
+        if tensor.is_complex():
+            raise _wrong_dtype(what, tensor.dtype, "c")
     else:
         array = np.asarray(value)
         if array.dtype == object or array.dtype.kind not in "biuf":
-            raise InputError(f"calibration {what} has dtype {array.dtype}; give numeric arrays")
+            raise _wrong_dtype(what, array.dtype, array.dtype.kind)
+        if not array.dtype.isnative:  # big-endian files ('>f4'): torch reads native byte order only
+            array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.writeable:
             array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -161,35 +178,95 @@ def from_object(data: Any, *, input_shape: Sequence[int] | None = None) -> DataS
 
 
 def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSource:
-    if not path.exists():
-        raise InputError(f"calibration data not found: {path}")
+    # missing, a symlink loop, a FIFO (open() would block), a device, empty: one clear line each
+    check_readable_file(path, "calibration data", folder_ok=True)
     if path.is_dir():
         return image_folder(path, input_shape)
-    if path.stat().st_size == 0:
-        raise InputError(f"calibration data file is empty: {path}")
     suffix = path.suffix.lower()
     with path.open("rb") as handle:
         head = handle.read(6)
     try:
         if head.startswith(b"\x93NUMPY"):
+            with path.open("rb") as handle:
+                _check_npy_header(handle, path.stat().st_size, str(path))
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             return _checked(DataSource(str(path), False, int(array.shape[0]) if array.ndim else 0, arrays=(array,)))
         if head.startswith(b"PK") and suffix == ".npz":
+            _check_npz_headers(path)
             with np.load(path, allow_pickle=False) as archive:
                 return _from_mapping({k: archive[k] for k in archive.files}, str(path))
         if head.startswith(b"PK") or head[:1] == b"\x80":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                unsafe, detail = unpickling_refused(exc)
+                if not unsafe:
+                    raise InputError(f"cannot read calibration data {path}: it is not a readable pickle ({detail}); "
+                                     "the file may be damaged or truncated") from exc
+                # weights_only=True refused a global: nothing from the file ran. torch's own message
+                # suggests weights_only=False, which would run it; data never needs that.
+                raise InputError(f"refused to read calibration data {path}: it holds pickled Python objects beyond "
+                                 "tensors, and unpickling them would run code from the file; save a tensor, a tuple "
+                                 "or a dict of tensors, or use .npy/.npz") from exc
             return _from_torch_object(obj, str(path))
     except (InputError, UsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - numpy/zip/pickle raise many types for damaged files
-        raise InputError(f"cannot read calibration data {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        if "allow_pickle" in str(exc):  # numpy refused an object array: not damage, a pickle
+            raise InputError(f"refused to read calibration data {path}: it holds arrays of Python objects, and "
+                             "unpickling them would run code from the file; save numeric arrays") from exc
+        raise InputError(f"cannot read calibration data {path}: {_first_line(exc)}; the file may be damaged or "
+                         "truncated") from exc
     raise InputError(f"calibration data {path} is not .npy, .npz, a torch.save file or a folder of images")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library's error: its first sentence (numpy and torch append advice)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # str(KeyError) is a repr
+    lines = text.strip().splitlines()
+    return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _check_npy_header(handle: Any, size: int, what: str) -> None:
+    """Refuse an .npy header that declares more data than the file holds, before numpy maps or
+    allocates it: a damaged or hostile header may claim terabytes."""
+    from numpy.lib import format as npy_format
+
+    version = npy_format.read_magic(handle)
+    # version 3.0 only allows utf-8 in field names; its header layout is 2.0's
+    read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    if dtype.hasobject:
+        raise InputError(f"refused to read calibration data {what}: it holds arrays of Python objects, and "
+                         "unpickling them would run code from the file; save numeric arrays")
+    claimed = math.prod(shape) * dtype.itemsize
+    available = size - handle.tell()
+    if claimed > available:
+        raise InputError(f"calibration data {what} declares an array of shape {tuple(shape)} and dtype {dtype} "
+                         f"({_human_bytes(claimed)}) but holds {_human_bytes(max(available, 0))} of data; the file "
+                         "is truncated or damaged")
+
+
+def _check_npz_headers(path: Path) -> None:
+    """_check_npy_header for each member of an .npz archive, against its uncompressed size."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename.endswith(".npy"):
+                with archive.open(info) as member:
+                    _check_npy_header(member, info.file_size, f"{path} (array {info.filename[:-4]!r})")
 
 
 def _checked(source: DataSource) -> DataSource:
     if not source.samples:
-        raise InputError(f"calibration data {source.description} holds no samples")
+        raise InputError(f"calibration data {source.description} holds no samples; give at least one sample")
     return source
 
 
@@ -208,7 +285,11 @@ def _from_mapping(mapping: dict[str, Any], description: str) -> DataSource:
     samples = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
     values = arrays if isinstance(arrays, tuple) else tuple(arrays.values())
     for value in values:
-        if getattr(value, "ndim", 0) == 0 or int(value.shape[0]) != samples:
+        if getattr(value, "ndim", 0) == 0:
+            raise InputError(f"{description}: an input ({type(value).__name__}, shape "
+                             f"{tuple(getattr(value, 'shape', ()))}) has no sample axis; give arrays or tensors with "
+                             "the samples along the first axis")
+        if int(value.shape[0]) != samples:
             raise InputError(f"{description}: input arrays disagree on the number of samples "
                              f"({', '.join(str(tuple(getattr(v, 'shape', ()))) for v in values)})")
     if labels is not None and (getattr(labels, "ndim", 0) == 0 or int(labels.shape[0]) != samples):

@@ -6,18 +6,22 @@ checkpoint that needs pickled code is refused before any of that code can run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import logging
+import os
 import pickle
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import InputError, UnsafeCheckpointError, UsageError
-from . import LoadedModel
+from . import LoadedModel, unpickling_refused
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
@@ -26,38 +30,137 @@ def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: boo
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "torch-export":
-        return _load_export(path)
+        return _load_export(path, trust_checkpoint=trust_checkpoint)
     return _load_checkpoint(path, arch=arch, trust_checkpoint=trust_checkpoint)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    if len(line) > 160 and ". " in line:  # torch appends paragraphs of advice: keep the first sentence
+        line = line.split(". ", 1)[0]
+    return line
+
+
+def _damage(exc: BaseException) -> str:
+    """What a reader said about a damaged file (str(KeyError('36')) alone would read '36')."""
+    detail = f"no record {exc.args[0]!r} in it" if isinstance(exc, KeyError) and exc.args else _first_line(exc)
+    return detail.rstrip(".:")
 
 
 def _load_torchscript(path: Path) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError for every kind of damage
-        raise InputError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from exc
+        raise InputError(f"cannot load TorchScript file {path}: {_damage(exc)}; the file may be damaged or "
+                         "truncated, re-save it") from exc
     return LoadedModel(module, "torchscript")
 
 
-def _load_export(path: Path) -> LoadedModel:
+_UNSAFE_REFUSAL = ("refused to load {path}: it holds pickled Python objects beyond weights{what}, and unpickling "
+                   "them runs code from the file. Pass --trust-checkpoint only if you trust its source")
+
+
+def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
     from ..capture.torch import export_site_plan
 
+    # torch.export.load unpickles parts of the archive with weights_only=False: weights and tensor
+    # constants marked use_pickle, a fallback for sample inputs, and pickle.loads for "opaque"
+    # constants. A crafted .pt2 ran code that way (torch 2.13). Unless trusted, those pickles
+    # are refused: opaque objects by name before loading, every torch.load forced to weights_only.
+    if not trust_checkpoint:
+        _refuse_opaque_objects(path)
     try:
-        program = torch.export.load(str(path))
+        with _torch_export_logs() as logged, \
+                contextlib.nullcontext() if trust_checkpoint else _weights_only_loads():
+            program = torch.export.load(str(path))
         module = program.module()
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot load torch.export archive {path}: {_first_line(exc)}") from exc
+        if not trust_checkpoint and _is_weights_only_refusal(exc):
+            raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (in a torch.export archive)")) from exc
+        # torch.export.load logs the real error ("check the warnings above") and raises a generic one
+        cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), exc)
+        detail = _first_line(cause).rstrip(".")
+        raise InputError(f"cannot load torch.export archive {path}: {detail}; re-export the model") from cause
     return LoadedModel(module, "torch-export", export_plan=export_site_plan(module))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _torch_export_logs() -> Iterator[list[logging.LogRecord]]:
+    """torch.export's log records kept instead of printed: with no logging configured, Python prints
+    them to stderr, tracebacks included, and a bad input must end in one line."""
+    handler = _Collect()
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]  # torch attaches its own handlers
+    for logger in loggers:
+        logger.handlers = [handler]
+        logger.propagate = False
+    try:
+        yield handler.records
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers = handlers
+            logger.propagate = propagate
+
+
+def _refuse_opaque_objects(path: Path) -> None:
+    from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.export.load reports the damage
+    if any(OPAQUE_OBJ_FILENAME_PREFIX in name for name in names):
+        raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (opaque objects in a torch.export "
+                                                                          "archive)"))
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside forced to weights_only=True, whatever its caller asks for (torch's
+    documented TORCH_FORCE_WEIGHTS_ONLY_LOAD switch; process-wide while the block runs)."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch.load
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _is_weights_only_refusal(exc: BaseException) -> bool:
+    """Whether a forced weights_only load inside torch.export.load met a Python global (code)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError) or "Weights only load failed" in str(seen):
+            return unpickling_refused(seen)[0]
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, trust_checkpoint: bool) -> LoadedModel:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe, detail = unpickling_refused(exc)
+        if not unsafe:  # not code: bytes the unpickler cannot read at all
+            raise InputError(f"cannot read checkpoint {path}: it is not a readable pickle ({detail}); the file is "
+                             "damaged or truncated, re-save it") from exc
         if not trust_checkpoint:
             raise UnsafeCheckpointError(
                 f"refused to load {path}: it holds pickled Python objects beyond weights (e.g. a whole nn.Module), "
@@ -66,7 +169,8 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_checkpoint: bool) ->
             ) from exc
         obj = _load_trusted(path)
     except Exception as exc:  # noqa: BLE001 - truncated zips, wrong magic numbers...
-        raise InputError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+        raise InputError(f"cannot read checkpoint {path}: {_damage(exc)}; the file may be damaged or "
+                         "truncated, re-save it") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "torch-pickle")
     state_dict = find_state_dict(obj)
@@ -142,13 +246,13 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
         sys.modules[module_name] = module  # lets dataclasses/pickle inside the file find their module
         try:
             spec_obj.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - user code
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code; sys.exit() there must not end reluscope
             sys.modules.pop(module_name, None)
             raise UsageError(f"importing --arch file {file} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             raise UsageError(f"cannot import --arch module {target!r}: {_first_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
@@ -161,7 +265,7 @@ def build_from_factory(spec: str) -> nn.Module:
     factory = resolve_factory(spec)
     try:
         model = factory()
-    except Exception as exc:  # noqa: BLE001 - user code
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code; a sys.exit(1) would read as "gate failed"
         raise UsageError(f"--arch factory {spec} raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")
