@@ -118,12 +118,14 @@ class SiteStats:
         if self.defer_nonfinite and not self.masked:
             self.poisoned |= ~torch.isfinite(bsumsq)
         elif self.masked or not bool(torch.isfinite(bsumsq)):
+            # Also taken when finite outputs above ~1e19 overflow the float32 sum of squares:
+            # this path sums in float64.
             ok = torch.isfinite(y)
             self.nonfinite += y.numel() - ok.sum()
-            clean = torch.where(ok, y, 0.0)  # zero is inactive under every definition
+            clean = torch.where(ok, y, 0.0).double()  # zero is inactive under every definition
             bmin = torch.where(ok, y, torch.inf).amin()
             bmax = torch.where(ok, y, -torch.inf).amax()
-            bsumsq = torch.linalg.vector_norm(clean).double() ** 2
+            bsumsq = torch.linalg.vector_norm(clean) ** 2
 
         if self.activation.active_from_input and inp is not None:
             positive = (inp.detach() > 0).to(clean.dtype)

@@ -565,11 +565,6 @@ def test_nonfinite_values_made_inside_the_model_are_counted(form: str, clean_glo
     assert report.layer("act2")["max"] == pytest.approx(finite.max().item())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reluscope/stats.py, not issue 7's files): SiteStats.update sums a "
-                   "batch in float32 (clean.sum(), vector_norm(y)), which overflows to inf for finite outputs above "
-                   "~1e19; mean/std become inf/nan and Report.to_json raises, so the CLI exits 3. Fix: accumulate "
-                   "in float64 (sum(dtype=torch.float64), vector_norm(..., dtype=torch.float64)). When fixed, also "
-                   "drop KNOWN_BUG_OVERFLOW in test_fuzz.py")
 def test_huge_finite_activations_are_reported() -> None:
     x = torch.full((4, 3), 1e30)
     report = reluscope.analyze(nn.Sequential(nn.ReLU()), x)

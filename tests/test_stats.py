@@ -55,7 +55,8 @@ def _assert_same(a: dict, b: dict) -> None:
     if a["abs_sum"] is None:
         assert b["abs_sum"] is None
     else:
-        np.testing.assert_allclose(a["abs_sum"], b["abs_sum"], rtol=1e-9, atol=1e-9, equal_nan=True)
+        # per-unit |y| sums: float32 partial sums on the fast path, float64 on the NaN-safe one
+        np.testing.assert_allclose(a["abs_sum"], b["abs_sum"], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def _batch(rng: np.random.Generator, n: int, shape: tuple[int, ...], special: bool) -> torch.Tensor:
