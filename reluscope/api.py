@@ -51,6 +51,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     from . import data as data_sources
     from .capture.recorder import SiteRecorder
     from .distributed import World, init, shutdown, world_from_env
+    from .stats import defers_nonfinite
 
     started = time.perf_counter()
     loaded = _load(model, config)
@@ -58,17 +59,19 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     onnx = loaded.format == "onnx"
     world = world_from_env() if not onnx else World()
     dev = resolve_onnx_device(config.device) if onnx else resolve_device(config.device, loaded.module, world.local_rank)
+    # Where NaN/Inf handling is deferred (accelerators) a poisoned run is measured again; a one-pass
+    # iterable cannot be, so it gets the NaN-safe statistics from the start.
     recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
-                            percentiles=config.percentiles)
-    run = _Run(config, source, recorder,
-               dev, world, progress if world.is_main else None)
+                            percentiles=config.percentiles, masked=not source.replayable and defers_nonfinite(dev))
+    run = _Run(config, source, recorder, dev, world, progress if world.is_main else None)
     if source.synthetic:
         run.warnings.append(SYNTHETIC_WARNING)
+    run.kept_warnings = len(run.warnings)
     if on_start is not None and world.is_main:
         on_start(source.planned_samples(config.max_samples))
     init(world, dev)
     try:
-        gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_with_oom_retry(loaded, run)
+        gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_torch_exactly(loaded, run)
     finally:
         shutdown(world)
     if run.samples == 0:
@@ -111,6 +114,14 @@ class _Run:
     samples: int = 0
     warnings: list[str] = field(default_factory=list)
     unanalysed: list[dict[str, str]] = field(default_factory=list)
+    kept_warnings: int = 0  # warnings from before the measuring loop, which a restart keeps
+
+    def restart(self, **recorder_changes: Any) -> None:
+        """Forget what the measuring loop gathered, to measure again from the first batch."""
+        self.recorder = self.recorder.fresh(**recorder_changes)
+        self.samples = 0
+        self.unanalysed.clear()
+        del self.warnings[self.kept_warnings:]
 
     def batches(self) -> Iterator[Any]:
         owns = self.world.owns if self.world.active else None
@@ -141,6 +152,15 @@ def _load(model: Any, config: AnalyzeConfig) -> Any:
     raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")
 
 
+def _measure_torch_exactly(loaded: Any, run: _Run) -> dict[str, Any] | None:
+    """Measure; if a deferred NaN/Inf check fired (accelerators only), measure again NaN-safely."""
+    flow = _measure_with_oom_retry(loaded, run)
+    if not run.recorder.masked and run.recorder.poisoned():
+        run.restart(masked=True)
+        flow = _measure_with_oom_retry(loaded, run)
+    return flow
+
+
 def _measure_with_oom_retry(loaded: Any, run: _Run) -> dict[str, Any] | None:
     """On CUDA out-of-memory, start over with half the batch size (statistics of a batch that
     failed midway cannot be taken back, so the run restarts rather than resumes)."""
@@ -152,18 +172,16 @@ def _measure_with_oom_retry(loaded: Any, run: _Run) -> dict[str, Any] | None:
         except ModelRunError as exc:
             if not isinstance(exc.__cause__, torch.cuda.OutOfMemoryError):
                 raise
-            restartable = run.source.iterable is None and not run.world.active
-            if run.config.batch_size <= 1 or not restartable:
+            if run.config.batch_size <= 1 or not run.source.replayable or run.world.active:
                 raise ModelRunError(f"CUDA ran out of memory at batch size {run.config.batch_size}; pass a smaller "
                                     "--batch-size or --device cpu") from exc
             smaller = run.config.batch_size // 2
-            run.warnings.append(f"CUDA ran out of memory at batch size {run.config.batch_size}; "
-                                f"restarted with batch size {smaller}")
+            note = f"CUDA ran out of memory at batch size {run.config.batch_size}; restarted with batch size {smaller}"
             torch.cuda.empty_cache()
             run.config = dataclasses.replace(run.config, batch_size=smaller)
-            run.recorder = type(run.recorder)(unit_axis=run.config.unit_axis, gradients=run.recorder.gradients,
-                                              percentiles=run.recorder.percentiles)
-            run.samples = 0
+            run.restart()
+            run.warnings.append(note)
+            run.kept_warnings = len(run.warnings)
 
 
 def _measure_onnx(loaded: Any, run: _Run) -> dict[str, Any] | None:

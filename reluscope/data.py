@@ -66,6 +66,11 @@ class DataSource:
             labels = None if self.labels is None else _to_tensor(self.labels[start:stop], "labels", keep_int=True)
             yield Batch(inputs, labels, stop - start)
 
+    @property
+    def replayable(self) -> bool:
+        """Whether the batches can be read a second time (an iterable may be a one-pass generator)."""
+        return self.iterable is None
+
     def planned_samples(self, max_samples: int | None) -> int | None:
         if self.samples is None:
             return max_samples

@@ -1,0 +1,88 @@
+"""The accelerator route for NaN/Inf: statistics take the fast path with a device-side flag,
+and a run whose flag fired is measured again NaN-safely. Forced on the CPU here (the policy
+`stats.defers_nonfinite` picks the route), it must give exactly the CPU route's report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import reluscope
+from reluscope import stats
+from reluscope.sites import classify
+
+
+class CountingModel(nn.Module):
+    """Linear + ReLU whose calls are counted; NaN rows in the input give NaN activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 5)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(5, 3)
+        self.act2 = nn.LeakyReLU(0.1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.act2(self.head(self.act(self.fc(x))))
+
+
+def _data(poisoned: bool) -> torch.Tensor:
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    if poisoned:
+        x[13, 2] = float("nan")
+        x[27, 0] = float("inf")
+    return x
+
+
+def _comparable(report: reluscope.Report) -> list[dict]:
+    return [{k: v for k, v in layer.items()} for layer in report.layers]
+
+
+@pytest.fixture
+def deferred(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "defers_nonfinite", lambda device: True)
+
+
+def _reference(x: torch.Tensor) -> reluscope.Report:
+    return reluscope.analyze(CountingModel(), x, batch_size=8)  # the CPU route: masked per poisoned batch
+
+
+def test_poisoned_run_is_measured_again_and_matches_the_cpu_route(deferred: None) -> None:
+    x = _data(poisoned=True)
+    model = CountingModel()
+    report = reluscope.analyze(model, x, batch_size=8)
+    assert model.calls == 10  # 5 batches, measured twice
+    assert report.summary["nonfinite"] > 0
+    assert _comparable(report) == _comparable(_reference(x))
+
+
+def test_clean_run_is_measured_once(deferred: None) -> None:
+    x = _data(poisoned=False)
+    model = CountingModel()
+    report = reluscope.analyze(model, x, batch_size=8)
+    assert model.calls == 5
+    assert _comparable(report) == _comparable(_reference(x))
+
+
+def test_one_pass_generator_is_nan_safe_from_the_start(deferred: None) -> None:
+    x = _data(poisoned=True)
+    model = CountingModel()
+    report = reluscope.analyze(model, (x[i:i + 8] for i in range(0, 40, 8)), batch_size=8)
+    assert model.calls == 5  # cannot be read twice, so it was never deferred
+    assert _comparable(report) == _comparable(_reference(x))
+
+
+def test_deferred_update_raises_the_flag_without_masking() -> None:
+    act = classify("relu")
+    y = torch.relu(torch.randn(8, 4))
+    y[1, 1] = float("nan")
+    fast = stats.SiteStats(act, (4,), 0, torch.device("cpu"), defer_nonfinite=True)
+    fast.update(y)
+    assert bool(fast.poisoned) and int(fast.nonfinite) == 0  # counted only by the NaN-safe re-run
+    safe = stats.SiteStats(act, (4,), 0, torch.device("cpu"), defer_nonfinite=True, masked=True)
+    safe.update(y)
+    assert not bool(safe.poisoned) and int(safe.nonfinite) == 1
