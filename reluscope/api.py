@@ -211,11 +211,10 @@ def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
         named = capture.named_parameters() if hasattr(capture, "named_parameters") else list(module.named_parameters())
         grad_context = trainable(named) if gradients else contextlib.nullcontext(named)
         cast = _input_caster(module, run.warnings)
-        precheck = _ScriptPrecheck(module) if isinstance(module, torch.jit.ScriptModule) else None
         with grad_context as floating, (torch.enable_grad() if gradients else torch.inference_mode()), capture:
             parameter_grads = ParameterGradients.of(floating, run.device) if gradients else None
             for batch in run.batches():
-                output = _forward(capture, cast(_to_device(batch.inputs, run.device)), run.samples, module, precheck)
+                output = _forward(capture, cast(_to_device(batch.inputs, run.device)), run.samples, module)
                 if parameter_grads is not None:
                     _backward(parameter_grads, output, batch.labels, run)
                 del output  # releases this batch's autograd graph before the next forward
@@ -227,11 +226,8 @@ def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
         return {"available": True, **parameter_grads.to_dict()} if parameter_grads.batches else None
 
 
-def _forward(capture: Any, inputs: Any, seen: int, module: Any = None,
-             precheck: Callable[[Any], None] | None = None) -> Any:
+def _forward(capture: Any, inputs: Any, seen: int, module: Any = None) -> Any:
     try:
-        if precheck is not None:
-            precheck(inputs)
         return capture.run(inputs)
     except ReluscopeError:
         raise
@@ -244,37 +240,6 @@ def _forward(capture: Any, inputs: Any, seen: int, module: Any = None,
         raise ModelRunError(f"the model's forward pass failed on the batch starting at sample {seen} "
                             f"(input shape {given}{'; ' + hint if hint else ''}): {_error_line(exc)}. Check that "
                             "--data or --input-shape matches what the model expects") from exc
-
-
-class _ScriptPrecheck:
-    """TorchScript: inputs of a shape and dtype not seen yet run through the unfrozen module first.
-
-    ScriptCapture runs a frozen copy of the module. Freezing deletes the submodule methods it
-    inlined, but the inlined nodes' call stacks keep raw pointers to them, which TorchScript
-    follows only to word an error: a frozen model that raises (a Conv2d given 3 channels instead
-    of 1) crashed the process with a segmentation fault (torch 2.13). The unfrozen module raises
-    cleanly. One sample is enough to check; the whole batch runs only when one sample fails (a
-    model may hard-code its batch size). Errors that depend on the values of later batches are
-    not caught this way."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.seen: set[Any] = set()
-
-    def __call__(self, inputs: Any) -> None:
-        import torch
-
-        if isinstance(inputs, dict):
-            return  # ScriptCapture refuses keyword inputs with its own message
-        key = tuple((tuple(v.shape[1:]), v.dtype) if isinstance(v, torch.Tensor) else type(v) for v in inputs)
-        if key in self.seen:
-            return
-        with torch.no_grad():
-            try:
-                self.module(*(v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for v in inputs))
-            except Exception:  # noqa: BLE001 - try the real batch: its error (if any) is the one to report
-                self.module(*inputs)
-        self.seen.add(key)
 
 
 def _backward(parameter_grads: Any, output: Any, labels: Any, run: _Run) -> None:

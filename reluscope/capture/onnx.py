@@ -283,7 +283,7 @@ class OnnxCapture:
             dims = _dims(value)
             if dims is not None and (array.ndim != len(dims) or any(
                     isinstance(d, int) and d != n for d, n in zip(dims[1:], array.shape[1:]))):
-                expected = "(" + ", ".join(str(d) for d in dims) + ")"
+                expected = "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
                 raise InputError(f"ONNX input {value.name!r} expects shape {expected}, the data has "
                                  f"{tuple(array.shape)}; give data of the model's input shape")
             want = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)

@@ -77,6 +77,8 @@ class ScriptCapture:
     def __init__(self, module: torch.jit.ScriptModule, recorder: SiteRecorder) -> None:
         self.recorder = recorder
         self.unreachable: list[dict[str, str]] = []
+        self._module = module
+        self._checked: set[Any] = set()
         # Parameters stay attributes (not folded into constants) so that gradients can reach them.
         self._parameter_names = [name for name, _ in module.named_parameters()]
         try:
@@ -120,6 +122,25 @@ class ScriptCapture:
         graph.makeMultiOutputIntoTuple()
         self._function = torch._C._create_function_from_graph("reluscope_forward_with_sites", graph)
 
+    def _precheck(self, inputs: tuple[Any, ...]) -> None:
+        """Inputs of a shape and dtype not seen yet run through the unfrozen module first.
+
+        Freezing deletes the submodule methods it inlined, but the inlined nodes' call stacks keep
+        raw pointers to them, which TorchScript follows only to word an error: a frozen model that
+        raises (a Conv2d given 3 channels instead of 1) crashed the process with a segmentation
+        fault (torch 2.13). The unfrozen module raises cleanly. One sample is enough to check; the
+        whole batch runs only when one sample fails (a model may hard-code its batch size).
+        Errors that depend on the values of later batches are not caught this way."""
+        key = tuple((tuple(v.shape[1:]), v.dtype) if isinstance(v, torch.Tensor) else type(v) for v in inputs)
+        if key in self._checked:
+            return
+        with torch.no_grad():
+            try:
+                self._module(*(v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for v in inputs))
+            except Exception:  # noqa: BLE001 - try the real batch: its error (if any) is the one to report
+                self._module(*inputs)
+        self._checked.add(key)
+
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The tensors the rewritten graph reads, under the original module's parameter names."""
         out = []
@@ -139,6 +160,7 @@ class ScriptCapture:
     def run(self, inputs: tuple[Any, ...] | dict[str, Any]) -> Any:
         if isinstance(inputs, dict):
             raise InputError("TorchScript models take positional inputs: give the data as one array or a tuple")
+        self._precheck(inputs)
         self.recorder.begin_forward()
         # Without this, the profiling executor fuses the graph into a DifferentiableGraph after
         # a few runs, and gradients stop reaching the extra site outputs.

@@ -70,7 +70,7 @@ class OnnxSite:
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return lines[0].rstrip(".") if lines else type(exc).__name__  # messages go on after it
 
 
 def load_onnx(path: Path) -> LoadedModel:
