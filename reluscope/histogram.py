@@ -34,12 +34,15 @@ def empty(signed: bool, device: torch.device) -> torch.Tensor:
 def update(counts: torch.Tensor, values: torch.Tensor) -> None:
     """Add one batch of finite float values (NaN/Inf are left to the nonfinite counter)."""
     x = values.detach().reshape(-1).float()
-    keys = x.abs().view(torch.int32) >> _SHIFT
-    keys = keys.clamp_(max=MAGNITUDE_BUCKETS - 1).long()
     signed = counts.numel() > MAGNITUDE_BUCKETS
     if signed:
+        keys = (x.abs().view(torch.int32) >> _SHIFT).clamp_(max=MAGNITUDE_BUCKETS - 1)
         # Order buckets by value: negatives (largest magnitude first), then zero and positives.
         keys = torch.where(x < 0, MAGNITUDE_BUCKETS - 1 - keys, MAGNITUDE_BUCKETS + keys)
+    else:
+        # Non-negative outputs: the bit pattern is the key; -0.0 (sign bit set, a negative int)
+        # clamps into the zero bucket. int32 keys: bincount needs no int64 copy.
+        keys = (x.view(torch.int32) >> _SHIFT).clamp_(0, MAGNITUDE_BUCKETS - 1)
     counts += torch.bincount(keys, minlength=counts.numel())[: counts.numel()]
 
 

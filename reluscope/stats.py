@@ -146,7 +146,8 @@ class SiteStats:
         self.vsum += clean.sum().double()
         self.vsumsq += bsumsq
         if self.hist is not None:
-            histogram.update(self.hist, y)
+            # NaN/Inf go to the +inf bucket, which percentiles leave out
+            histogram.update(self.hist, y if clean is y else torch.where(torch.isfinite(y), y, torch.inf))
 
     @torch.no_grad()
     def add_reduced(self, *, samples: int, elements: int, active: torch.Tensor, total: float, squares: float,
