@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ from typing import Any, Callable, Iterator
 from . import __version__
 from .config import AnalyzeConfig
 from .errors import InputError, ModelRunError, ReluscopeError, UsageError
+from .inputs import error_line, expectation, input_caster
 from .report import Report, Thresholds, build_layer, build_summary
 
 SYNTHETIC_WARNING = ("no --data given: analysing synthetic normal inputs. Dead-unit and sparsity findings on random "
@@ -210,7 +209,7 @@ def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
         run.unanalysed.extend(getattr(capture, "unreachable", []))
         named = capture.named_parameters() if hasattr(capture, "named_parameters") else list(module.named_parameters())
         grad_context = trainable(named) if gradients else contextlib.nullcontext(named)
-        cast = _input_caster(module, run.warnings)
+        cast = input_caster(module, run.warnings)
         with grad_context as floating, (torch.enable_grad() if gradients else torch.inference_mode()), capture:
             parameter_grads = ParameterGradients.of(floating, run.device) if gradients else None
             for batch in run.batches():
@@ -236,9 +235,9 @@ def _forward(capture: Any, inputs: Any, seen: int, module: Any = None) -> Any:
                   if hasattr(v, "shape")]
         given = ", ".join(f"{k}={tuple(v.shape)}" for k, v in inputs.items()) if isinstance(inputs, dict) else \
             ", ".join(str(shape) for shape in shapes)
-        hint = _expectation(module, shapes) if module is not None and not isinstance(inputs, dict) else None
+        hint = expectation(module, shapes) if module is not None and not isinstance(inputs, dict) else None
         raise ModelRunError(f"the model's forward pass failed on the batch starting at sample {seen} "
-                            f"(input shape {given}{'; ' + hint if hint else ''}): {_error_line(exc)}. Check that "
+                            f"(input shape {given}{'; ' + hint if hint else ''}): {error_line(exc)}. Check that "
                             "--data or --input-shape matches what the model expects") from exc
 
 
@@ -253,128 +252,8 @@ def _backward(parameter_grads: Any, output: Any, labels: Any, run: _Run) -> None
         raise ModelRunError("CUDA ran out of memory in the backward pass") from exc
     except Exception as exc:  # noqa: BLE001 - e.g. cross-entropy on labels outside the model's classes
         raise ModelRunError(f"the backward pass for --gradients (loss {parameter_grads.loss}) failed on the batch "
-                            f"starting at sample {run.samples}: {_error_line(exc)}. Check that the labels are class "
+                            f"starting at sample {run.samples}: {error_line(exc)}. Check that the labels are class "
                             "indices the model's output has, or choose another --loss") from exc
-
-
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): (.+)$")
-
-
-def _error_line(exc: BaseException) -> str:
-    """The line of a model's error that says what went wrong, without a trailing full stop.
-
-    TorchScript's message starts with a banner ("The following operation failed in the
-    TorchScript interpreter.") and its own traceback; the original error is the last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[0]
-    if len(lines) > 1 and "TorchScript" in line:
-        line = next((m.group(2) for m in map(_ERROR_LINE.match, reversed(lines)) if m), line)
-    return line.rstrip(".")
-
-
-def _first_layer(module: Any) -> tuple[str, str, Any] | None:
-    """(qualified name, class name, module) of the first submodule holding parameters of its own."""
-    import torch
-
-    for name, sub in module.named_modules():
-        if next(iter(sub.parameters(recurse=False)), None) is not None:
-            # a TorchScript module keeps its Python class name in original_name
-            kind = sub.original_name if isinstance(sub, torch.jit.ScriptModule) else type(sub).__name__
-            return name, kind, sub
-    return None
-
-
-def _exported_inputs(module: Any) -> list[tuple[str, tuple[int | None, ...], Any]] | None:
-    """(name, shape with None for dynamic sizes, dtype) of each input of an exported graph, from its
-    placeholders' example values; None for other modules."""
-    import torch
-
-    if not isinstance(module, torch.fx.GraphModule):
-        return None
-    specs = []
-    for node in module.graph.nodes:
-        if node.op == "placeholder":
-            value = node.meta.get("val")
-            if not isinstance(value, torch.Tensor):
-                return None
-            specs.append((node.name, tuple(d if isinstance(d, int) else None for d in value.shape), value.dtype))
-    return specs or None
-
-
-def _expectation(module: Any, shapes: list[tuple[int, ...]]) -> str | None:
-    """What the model expects, when that is cheap to know and disagrees with the data: an exported
-    graph's input shapes, else the in_features/in_channels of a first Linear/Conv layer."""
-    try:
-        specs = _exported_inputs(module)
-        if specs is not None:
-            wanted = [dims for _, dims, _ in specs]
-
-            def fits(want: tuple[int | None, ...], got: tuple[int, ...]) -> bool:
-                return len(want) == len(got) and all(d is None or d == n for d, n in zip(want, got))
-
-            if len(wanted) == len(shapes) and all(map(fits, wanted, shapes)):
-                return None  # the shapes fit: the error is about something else
-            text = ", ".join("(" + ", ".join("batch" if d is None and i == 0 else "?" if d is None else str(d)
-                                             for i, d in enumerate(dims)) + ")" for dims in wanted)
-            return f"the model expects {text}"
-        first = _first_layer(module)
-        if first is None or len(shapes) != 1 or not shapes[0]:
-            return None
-        name, kind, layer = first
-        shape = shapes[0]
-        if kind == "Linear" and layer.in_features not in (shape[-1], math.prod(shape[1:])):
-            return f"its first layer {name} (Linear) takes {layer.in_features} input features"
-        if kind in ("Conv1d", "Conv2d", "Conv3d") and (len(shape) < 2 or shape[1] != layer.in_channels):
-            return f"its first layer {name} ({kind}) takes {layer.in_channels} input channels"
-    except Exception:  # noqa: BLE001 - a hint must never hide the model's own error
-        return None
-    return None
-
-
-def _input_caster(module: Any, warnings_out: list[str]) -> Callable[[Any], Any]:
-    """Calibration inputs cast to the floating dtype the model computes in, with a warning: integer
-    images (uint8 pixels) or float64/float16 files would otherwise fail in the first layer.
-
-    Integers are left alone where they are meant to be integers: an exported graph's inputs say
-    their dtype; otherwise a model whose first parameterised layer is an Embedding takes token ids,
-    and a model without floating parameters gives nothing to go by."""
-    import torch
-
-    specs = _exported_inputs(module)
-    if specs is not None:  # per input, by position and by name
-        by_position: list[Any] = [dtype for _, _, dtype in specs]
-        by_name = {name: dtype for name, _, dtype in specs}
-        default = None
-    else:  # every input: the dtype of the first layer's weights
-        first = _first_layer(module)
-        if first is None or first[1] in ("Embedding", "EmbeddingBag"):
-            return lambda inputs: inputs
-        default = next((p.dtype for p in first[2].parameters(recurse=False) if p.is_floating_point()), None)
-        if default is None:
-            return lambda inputs: inputs
-        by_position, by_name = [], {}
-    warned: set[tuple[Any, Any]] = set()
-
-    def one(tensor: Any, wanted: Any) -> Any:
-        if wanted is None or not wanted.is_floating_point or not isinstance(tensor, torch.Tensor) \
-                or tensor.dtype == wanted or tensor.is_complex():
-            return tensor
-        if (tensor.dtype, wanted) not in warned:
-            warned.add((tensor.dtype, wanted))
-            rescale = "" if tensor.is_floating_point() else " (values are not rescaled: scale integer pixels as " \
-                "the model was trained, e.g. to 0..1)"
-            warnings_out.append(f"calibration input is {str(tensor.dtype).replace('torch.', '')}, the model computes "
-                                f"in {str(wanted).replace('torch.', '')}: cast{rescale}")
-        return tensor.to(wanted)
-
-    def cast(inputs: Any) -> Any:
-        if isinstance(inputs, dict):
-            return {k: one(v, by_name.get(k, default)) for k, v in inputs.items()}
-        return tuple(one(v, by_position[i] if i < len(by_position) else default) for i, v in enumerate(inputs))
-
-    return cast
 
 
 def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> Any:

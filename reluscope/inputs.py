@@ -1,0 +1,127 @@
+"""What a model expects of its inputs, and what went wrong when they did not fit: the dtype
+cast for calibration data, and the hints and error lines of shape mismatches."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): (.+)$")
+
+
+def error_line(exc: BaseException) -> str:
+    """The line of a model's error that says what went wrong, without a trailing full stop.
+
+    TorchScript's message starts with a banner ("The following operation failed in the
+    TorchScript interpreter.") and its own traceback; the original error is the last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(lines) > 1 and "TorchScript" in line:
+        line = next((m.group(2) for m in map(_ERROR_LINE.match, reversed(lines)) if m), line)
+    return line.rstrip(".")
+
+
+def _first_layer(module: Any) -> tuple[str, str, Any] | None:
+    """(qualified name, class name, module) of the first submodule holding parameters of its own."""
+    import torch
+
+    for name, sub in module.named_modules():
+        if next(iter(sub.parameters(recurse=False)), None) is not None:
+            # a TorchScript module keeps its Python class name in original_name
+            kind = sub.original_name if isinstance(sub, torch.jit.ScriptModule) else type(sub).__name__
+            return name, kind, sub
+    return None
+
+
+def _exported_inputs(module: Any) -> list[tuple[str, tuple[int | None, ...], Any]] | None:
+    """(name, shape with None for dynamic sizes, dtype) of each input of an exported graph, from its
+    placeholders' example values; None for other modules."""
+    import torch
+
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    specs = []
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                return None
+            specs.append((node.name, tuple(d if isinstance(d, int) else None for d in value.shape), value.dtype))
+    return specs or None
+
+
+def expectation(module: Any, shapes: list[tuple[int, ...]]) -> str | None:
+    """What the model expects, when that is cheap to know and disagrees with the data: an exported
+    graph's input shapes, else the in_features/in_channels of a first Linear/Conv layer."""
+    try:
+        specs = _exported_inputs(module)
+        if specs is not None:
+            wanted = [dims for _, dims, _ in specs]
+
+            def fits(want: tuple[int | None, ...], got: tuple[int, ...]) -> bool:
+                return len(want) == len(got) and all(d is None or d == n for d, n in zip(want, got))
+
+            if len(wanted) == len(shapes) and all(map(fits, wanted, shapes)):
+                return None  # the shapes fit: the error is about something else
+            text = ", ".join("(" + ", ".join("batch" if d is None and i == 0 else "?" if d is None else str(d)
+                                             for i, d in enumerate(dims)) + ")" for dims in wanted)
+            return f"the model expects {text}"
+        first = _first_layer(module)
+        if first is None or len(shapes) != 1 or not shapes[0]:
+            return None
+        name, kind, layer = first
+        shape = shapes[0]
+        if kind == "Linear" and layer.in_features not in (shape[-1], math.prod(shape[1:])):
+            return f"its first layer {name} (Linear) takes {layer.in_features} input features"
+        if kind in ("Conv1d", "Conv2d", "Conv3d") and (len(shape) < 2 or shape[1] != layer.in_channels):
+            return f"its first layer {name} ({kind}) takes {layer.in_channels} input channels"
+    except Exception:  # noqa: BLE001 - a hint must never hide the model's own error
+        return None
+    return None
+
+
+def input_caster(module: Any, warnings_out: list[str]) -> Callable[[Any], Any]:
+    """Calibration inputs cast to the floating dtype the model computes in, with a warning: integer
+    images (uint8 pixels) or float64/float16 files would otherwise fail in the first layer.
+
+    Integers are left alone where they are meant to be integers: an exported graph's inputs say
+    their dtype; otherwise a model whose first parameterised layer is an Embedding takes token ids,
+    and a model without floating parameters gives nothing to go by."""
+    import torch
+
+    specs = _exported_inputs(module)
+    if specs is not None:  # per input, by position and by name
+        by_position: list[Any] = [dtype for _, _, dtype in specs]
+        by_name = {name: dtype for name, _, dtype in specs}
+        default = None
+    else:  # every input: the dtype of the first layer's weights
+        first = _first_layer(module)
+        if first is None or first[1] in ("Embedding", "EmbeddingBag"):
+            return lambda inputs: inputs
+        default = next((p.dtype for p in first[2].parameters(recurse=False) if p.is_floating_point()), None)
+        if default is None:
+            return lambda inputs: inputs
+        by_position, by_name = [], {}
+    warned: set[tuple[Any, Any]] = set()
+
+    def one(tensor: Any, wanted: Any) -> Any:
+        if wanted is None or not wanted.is_floating_point or not isinstance(tensor, torch.Tensor) \
+                or tensor.dtype == wanted or tensor.is_complex():
+            return tensor
+        if (tensor.dtype, wanted) not in warned:
+            warned.add((tensor.dtype, wanted))
+            rescale = "" if tensor.is_floating_point() else " (values are not rescaled: scale integer pixels as " \
+                "the model was trained, e.g. to 0..1)"
+            warnings_out.append(f"calibration input is {str(tensor.dtype).replace('torch.', '')}, the model computes "
+                                f"in {str(wanted).replace('torch.', '')}: cast{rescale}")
+        return tensor.to(wanted)
+
+    def cast(inputs: Any) -> Any:
+        if isinstance(inputs, dict):
+            return {k: one(v, by_name.get(k, default)) for k, v in inputs.items()}
+        return tuple(one(v, by_position[i] if i < len(by_position) else default) for i, v in enumerate(inputs))
+
+    return cast
