@@ -64,7 +64,7 @@ def relu_outputs(model, x):
     r1 = model.relu(model.bn1(model.conv1(x)))
     r2 = F.relu(model.conv2(r1))
     r3 = model.relu(model.fc1(model.flatten(model.pool(r2))))
-    return {"relu#0": r1, "F.relu(conv2)": r2, "relu#1": r3}, model.head(r3)
+    return {"relu#0": r1, "relu()": r2, "relu#1": r3}, model.head(r3)
 
 
 def dead_units(model, x):
