@@ -218,9 +218,9 @@ def analyze(
             emit(text, output)
             _step_summary(text)
         elif output is None:
-            from .render import table_renderable
+            from .render import print_table
 
-            Console().print(table_renderable(payload))
+            print_table(payload)
         else:
             from .render import render_table
             from .render_gates import gate_table, render_text

@@ -39,10 +39,11 @@ def layers_table(report: dict[str, Any]) -> Table:
     show_saturation = any(l.get("saturated_fraction") is not None for l in layers)
     show_dormant = any(l["dormant_units"] for l in layers)
     show_gradient = any("gradient" in l for l in layers)
+    show_percentiles = any(l.get("percentiles") for l in layers)
     table = Table(title=f"reluscope: {report['model'].get('path') or 'model'}", title_justify="left",
                   show_lines=False, header_style="bold")
-    table.add_column("site", overflow="fold")
-    table.add_column("op")
+    table.add_column("site", no_wrap=True)
+    table.add_column("op", no_wrap=True)
     table.add_column("units", justify="right", no_wrap=True)
     table.add_column("zero %", justify="right", no_wrap=True)
     table.add_column("dead", justify="right", no_wrap=True)
@@ -53,6 +54,9 @@ def layers_table(report: dict[str, Any]) -> Table:
         table.add_column("sat. %", justify="right", no_wrap=True)
     table.add_column("min", justify="right", no_wrap=True)
     table.add_column("max", justify="right", no_wrap=True)
+    if show_percentiles:
+        table.add_column("p50", justify="right", no_wrap=True)
+        table.add_column("p99.9", justify="right", no_wrap=True)
     if show_gradient:
         table.add_column("grad rms", justify="right", no_wrap=True)
     for layer in layers:
@@ -70,6 +74,9 @@ def layers_table(report: dict[str, Any]) -> Table:
             sat = layer.get("saturated_fraction")
             row.append("-" if sat is None else f"{100 * sat:.1f}")
         row += [_fmt_range(layer["min"]), _fmt_range(layer["max"])]
+        if show_percentiles:
+            quantiles = layer.get("percentiles") or {}
+            row += [_fmt_range(quantiles.get("p50")), _fmt_range(quantiles.get("p99.9"))]
         if show_gradient:
             row.append(_fmt_range((layer.get("gradient") or {}).get("rms")))
         table.add_row(*row, style=style)
@@ -106,9 +113,24 @@ def table_renderable(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def print_table(report: dict[str, Any]) -> None:
+    """The table on stdout, never squeezed: Rich would cut numbers to "5.…" to fit a narrow (or
+    piped, 80-column) console, so the console widens to the table's natural width instead."""
+    console = Console()
+    natural = natural_width(report)
+    if natural > console.width:
+        console = Console(width=natural)
+    console.print(table_renderable(report))
+
+
+def natural_width(report: dict[str, Any]) -> int:
+    """Columns the layer table needs to show every cell in full."""
+    return Console(width=10_000).measure(layers_table(report)).maximum
+
+
 def render_table(report: dict[str, Any], width: int | None = None, color: bool = True) -> str:
     """The table as text (for -o FILE, or for tests)."""
-    console = Console(record=True, width=width or 120, force_terminal=color, no_color=not color,
+    console = Console(record=True, width=width or max(120, natural_width(report)), force_terminal=color, no_color=not color,
                       file=open("/dev/null", "w"))  # noqa: SIM115 - record-only console
     console.print(table_renderable(report))
     return console.export_text(styles=color)
