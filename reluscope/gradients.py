@@ -129,7 +129,7 @@ class ParameterGradients:
         grads = torch.autograd.grad(loss, self.tensors, allow_unused=True)
         present = [g if g is not None else torch.zeros((), device=loss.device) for g in grads]
         norms = torch.stack([n.to(self.sumsq.device) for n in torch._foreach_norm(present)]).double()
-        self.nonfinite += (~torch.isfinite(norms)).sum() + sum((~torch.isfinite(g)).sum() for g in present)
+        self.nonfinite += sum((~torch.isfinite(g)).sum() for g in present)  # elements, each counted once
         self.sumsq += norms.pow(2)
         self.batches += 1
 
