@@ -223,9 +223,10 @@ def analyze(
             print_table(payload)
         else:
             from .render import render_table
-            from .render_gates import gate_table, render_text
+            from .render import render_text
+            from .render_gates import gate_table
 
-            text = render_table(payload, color=False)
+            text = render_table(payload)
             if report.gates:
                 text = text.rstrip("\n") + "\n" + render_text(gate_table(report.gates))
             emit(text, output)
@@ -320,7 +321,8 @@ def diff_command(
             emit(text, output)
             _step_summary(text)
         else:
-            from .render_gates import diff_renderable, gate_table, render_text
+            from .render import render_text
+            from .render_gates import diff_renderable, gate_table
 
             if output is None:
                 Console().print(diff_renderable(document))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -128,9 +129,14 @@ def natural_width(report: dict[str, Any]) -> int:
     return Console(width=10_000).measure(layers_table(report)).maximum
 
 
-def render_table(report: dict[str, Any], width: int | None = None, color: bool = True) -> str:
-    """The table as text (for -o FILE, or for tests)."""
-    console = Console(record=True, width=width or max(120, natural_width(report)), force_terminal=color, no_color=not color,
-                      file=open("/dev/null", "w"))  # noqa: SIM115 - record-only console
-    console.print(table_renderable(report))
-    return console.export_text(styles=color)
+def render_table(report: dict[str, Any]) -> str:
+    """The table as plain text (for -o FILE), as wide as it needs."""
+    return render_text(table_renderable(report), width=max(120, natural_width(report)))
+
+
+def render_text(*renderables: RenderableType, width: int = 120) -> str:
+    """Plain text of Rich renderables (for -o FILE)."""
+    console = Console(record=True, width=width, force_terminal=False, no_color=True, file=io.StringIO())
+    for item in renderables:
+        console.print(item)
+    return console.export_text(styles=False)

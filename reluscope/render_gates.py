@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any, Mapping, Sequence
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -100,11 +99,3 @@ def diff_summary_text(diff: Mapping[str, Any]) -> Text:
 
 def diff_renderable(diff: Mapping[str, Any]) -> Group:
     return Group(diff_table(diff), diff_summary_text(diff))
-
-
-def render_text(*renderables: RenderableType, width: int = 120) -> str:
-    """Plain text of Rich renderables (for -o FILE)."""
-    console = Console(record=True, width=width, force_terminal=False, no_color=True, file=io.StringIO())
-    for item in renderables:
-        console.print(item)
-    return console.export_text(styles=False)

@@ -70,6 +70,17 @@ LAST_AXIS_PRODUCERS = frozenset(
 )
 
 
+# torch.nn activation modules: a site inside one of these is named after the module itself.
+ACTIVATION_MODULE_NAMES = frozenset({"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU",
+                                     "SiLU", "Hardswish", "Hardsigmoid", "Mish"})
+
+
+def is_activation_module(type_name: str) -> bool:
+    """`ReLU` (a TorchScript class name) or `torch.nn.modules.activation.ReLU` (export and ONNX metadata)."""
+    package, _, name = type_name.rpartition(".")
+    return name in ACTIVATION_MODULE_NAMES and (not package or package.startswith("torch.nn"))
+
+
 def functional_site_name(enclosing: str, op: str) -> str:
     """Name of a functional call (F.relu, torch.relu, x.relu_()) made in `enclosing`'s forward.
 

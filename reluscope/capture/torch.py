@@ -19,12 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import sites as table
 from .recorder import CHANNEL, LAST, SiteRecorder
 
-# Activation modules: a site inside one of these is named after the module itself.
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
-)
-ACTIVATION_TYPE_NAMES = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in ACTIVATION_MODULES)
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = tuple(getattr(nn, name) for name in table.ACTIVATION_MODULE_NAMES)
 
 # Cheap pre-filter: names that may be a site (classify() decides with the arguments).
 _CANDIDATES = frozenset(
@@ -82,7 +77,7 @@ def export_site_plan(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]
         if not isinstance(type_name, str):
             type_name = f"{type_name.__module__}.{type_name.__qualname__}"
         path = _clean_export_path(path)
-        if type_name in ACTIVATION_TYPE_NAMES and path:
+        if table.is_activation_module(type_name) and path:
             plan.append((path, act.op))
         else:
             plan.append((table.functional_site_name(path, act.op), act.op))

@@ -19,9 +19,6 @@ from .. import sites as table
 from ..errors import InputError
 from .recorder import CHANNEL, LAST, SiteRecorder
 
-_ACTIVATION_TYPES = frozenset(
-    {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid", "Mish"}
-)
 _HIERARCHY_PART = re.compile(r"([^.()]*)\(([^)]*)\)")
 
 
@@ -44,7 +41,7 @@ def _base_name(node: torch._C.Node, op: str) -> str:
             path.append(instance)
             last_type = type_name
     name = ".".join(path)
-    if name and last_type in _ACTIVATION_TYPES:
+    if name and table.is_activation_module(last_type):
         return name
     return table.functional_site_name(name, op)
 

@@ -313,8 +313,7 @@ def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str
     are what relate the two reports."""
     import ast
 
-    from ..capture.torch import ACTIVATION_TYPE_NAMES
-    from ..sites import functional_site_name
+    from ..sites import functional_site_name, is_activation_module
 
     bases: list[str | None] = []
     for node, act in nodes:
@@ -327,7 +326,7 @@ def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str
             continue
         path = scopes[-2] if len(scopes) >= 3 else ""  # [root "", module qualnames..., the aten node]
         owner = classes[-2] if len(classes) >= 2 else ""
-        bases.append(path if path and owner in ACTIVATION_TYPE_NAMES else functional_site_name(path, act.op))
+        bases.append(path if path and is_activation_module(owner) else functional_site_name(path, act.op))
     repeated = {b for b in bases if b is not None and bases.count(b) > 1}
     calls: dict[str, int] = {}
     names: list[str | None] = []
