@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# On a machine with a CUDA GPU and its own PyTorch/Triton/torchvision (no venv, nothing fetched):
+# the CUDA tests and the CUDA benchmarks. See benchmarks/README.md.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_stats.py \
+		tests/test_ground_truth.py tests/test_api.py tests/test_hostile.py tests/test_deferred_nonfinite.py
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/stats_kernel.py
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/overhead.py --device cuda --model resnet50 --images 1024 \
+		--batch-size 128 --size 224 --repeats 5 --no-onnx
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/memory.py --device cuda --model resnet50 --batch-size 128 --size 224
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,10 +1,12 @@
 """Peak memory does not grow with the number of batches: 4 vs 32 batches, each in a fresh process.
 
 Batches come from a generator, so the calibration data itself is never all in memory; what
-could grow is what the analysis keeps per batch. On the CPU the figure is the process's peak
-resident set (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
+could grow is what the analysis keeps per batch. A third process runs the bare forward pass
+over the same 4 batches: analysis peak / bare peak near 1 means the analysis holds no more than
+the one batch of activations the forward pass itself needs. On the CPU the figure is the
+process's peak resident set (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
 
-    .venv/bin/python benchmarks/memory.py [--device cuda] [--size 112] [--batch-size 16]
+    .venv/bin/python benchmarks/memory.py [--device cuda] [--model resnet50] [--size 112] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Sequence
 HERE = Path(__file__).resolve().parent
 
 
-def child(batches: int, batch_size: int, size: int, device: str, gradients: bool) -> dict[str, float]:
+def child(batches: int, batch_size: int, size: int, device: str, gradients: bool, model_name: str,
+          bare: bool) -> dict[str, float]:
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -28,7 +31,7 @@ def child(batches: int, batch_size: int, size: int, device: str, gradients: bool
     from overhead import build_model
 
     dev = torch.device(device)
-    model = build_model().to(dev)
+    model = build_model(name=model_name).to(dev)
 
     def stream():
         generator = torch.Generator().manual_seed(0)
@@ -38,10 +41,18 @@ def child(batches: int, batch_size: int, size: int, device: str, gradients: bool
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    report = reluscope.analyze(model, stream(), batch_size=batch_size, device=device, gradients=gradients)
+    if bare:
+        samples = 0
+        with torch.inference_mode():
+            for x in stream():
+                model(x.to(dev))
+                samples += len(x)
+    else:
+        report = reluscope.analyze(model, stream(), batch_size=batch_size, device=device, gradients=gradients)
+        samples = report.data["samples"]
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"batches": batches, "samples": report.data["samples"], "peak_bytes": peak}
+    return {"batches": batches, "samples": samples, "peak_bytes": peak}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,10 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gradients", action="store_true")
+    parser.add_argument("--model", choices=("resnet18-like", "resnet50"), default="resnet18-like",
+                        help="resnet50 needs torchvision")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.batch_size, args.size, args.device, args.gradients)))
+        print(json.dumps(child(args.child, args.batch_size, args.size, args.device, args.gradients, args.model,
+                               args.bare)))
         return 0
     if args.device.startswith("cuda"):
         import torch
@@ -62,15 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("cuda: skipped (no GPU)")
             return 0
     results = []
-    for batches in (4, 32):
+    for batches, bare in ((4, False), (32, False), (4, True)):
         command = [sys.executable, __file__, "--child", str(batches), "--device", args.device, "--size",
-                   str(args.size), "--batch-size", str(args.batch_size)] + (["--gradients"] if args.gradients else [])
+                   str(args.size), "--batch-size", str(args.batch_size), "--model", args.model]
+        command += (["--gradients"] if args.gradients else []) + (["--bare"] if bare else [])
         results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
     what = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
-    for r in results:
-        print(f"  {r['batches']:3d} batches ({r['samples']:5d} samples): {what} {r['peak_bytes'] / 2**20:8.1f} MiB")
+    for r, label in zip(results, ("analysis", "analysis", "bare forward")):
+        print(f"  {label:12s} {r['batches']:3d} batches ({r['samples']:5d} samples): {what} "
+              f"{r['peak_bytes'] / 2**20:8.1f} MiB")
     ratio = results[1]["peak_bytes"] / results[0]["peak_bytes"]
     print(f"memory: peak(32 batches) / peak(4 batches) = {ratio:.3f}  (1.0 means no growth with batches)")
+    held = results[0]["peak_bytes"] / results[2]["peak_bytes"]
+    print(f"memory: analysis peak / bare forward peak (4 batches) = {held:.3f}  "
+          f"(near 1.0: no more than the forward pass's own batch of activations)"
+          + ("  [with --gradients the analysis also runs backward]" if args.gradients else ""))
     return 0
 
 

@@ -11,7 +11,10 @@ If benchmarks/onnx_overhead.py is present, the same network is also exported to 
 
     python benchmarks/overhead.py                      # CPU, 64 images 3x112x112, batches of 16
     python benchmarks/overhead.py --size 224           # the ImageNet resolution (about 4x slower)
-    python benchmarks/overhead.py --device cuda --images 512 --batch-size 128
+    python benchmarks/overhead.py --device cuda --model resnet50 --images 1024 --batch-size 128 --size 224
+
+On CUDA both statistics routes are measured by default (`--stats-kernel both`): the plain
+PyTorch reductions ("before") and the one-pass Triton kernel ("after").
 """
 
 from __future__ import annotations
@@ -76,9 +79,14 @@ class ResNet18Like(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_model(seed: int = 0) -> nn.Module:
+def build_model(seed: int = 0, name: str = "resnet18-like") -> nn.Module:
     torch.manual_seed(seed)
-    model = ResNet18Like().eval()
+    if name == "resnet50":  # torchvision's, random weights (nothing is downloaded)
+        from torchvision.models import resnet50
+
+        model = resnet50(weights=None).eval()
+    else:
+        model = ResNet18Like().eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics, as in a trained network
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -110,11 +118,13 @@ def bare_forward(model: nn.Module, batches: Sequence[torch.Tensor], device: torc
     return time.perf_counter() - start
 
 
-def analysis(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device) -> tuple[float, Any]:
+def analysis(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
+             stats_kernel: str = "auto") -> tuple[float, Any]:
     """Seconds for reluscope.analyze over the same batches, report built (its one host transfer) included."""
     _sync(device)
     start = time.perf_counter()
-    report = reluscope.analyze(model, list(batches), batch_size=len(batches[0]), device=str(device))
+    report = reluscope.analyze(model, list(batches), batch_size=len(batches[0]), device=str(device),
+                               stats_kernel=stats_kernel)
     _sync(device)
     return time.perf_counter() - start, report
 
@@ -133,12 +143,13 @@ def interleaved(first: Callable[[], float], second: Callable[[], float], repeats
 
 
 def measure_torch(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, repeats: int,
-                  warmup: int = 1) -> dict[str, Any]:
-    """Median bare and analysis times, per-repeat ratios and the report of the last analysis."""
+                  warmup: int = 1, stats_kernel: str = "auto") -> dict[str, Any]:
+    """Median bare and analysis times, per-repeat ratios and the report of the last analysis.
+    The warm-up analysis also compiles the Triton kernel (cached on disk for later runs)."""
     last: dict[str, Any] = {}
 
     def run_analysis() -> float:
-        seconds, last["report"] = analysis(model, batches, device)
+        seconds, last["report"] = analysis(model, batches, device, stats_kernel)
         return seconds
 
     def run_bare() -> float:
@@ -219,25 +230,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=112, help="image height and width")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX section")
+    parser.add_argument("--model", choices=("resnet18-like", "resnet50"), default="resnet18-like",
+                        help="resnet50 needs torchvision")
+    parser.add_argument("--stats-kernel", choices=("auto", "triton", "torch", "both"), default=None,
+                        help="statistics route(s) to time (default: both on CUDA, auto on the CPU)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda asked for, but no CUDA GPU is available here")
         return 0
-    model = build_model().to(device)
+    model = build_model(name=args.model).to(device)
     batches = [b.to(device) for b in make_batches(args.images, args.batch_size, args.size)]
-    print(f"ResNet-18-like, {args.images} images 3x{args.size}x{args.size} in batches of {args.batch_size}, "
+    kernels = args.stats_kernel or ("both" if device.type == "cuda" else "auto")
+    print(f"{args.model}, {args.images} images 3x{args.size}x{args.size} in batches of {args.batch_size}, "
           f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                          f" ({torch.get_num_threads()} threads)") + f", {args.repeats} interleaved repeats")
-    result = measure_torch(model, batches, device, args.repeats)
-    report = result["report"]
-    print(f"  bare forward (inference_mode): {result['bare_s'] * 1e3:8.1f} ms   (median)")
-    print(f"  reluscope.analyze:             {result['analysis_s'] * 1e3:8.1f} ms   (median; "
-          f"{len(report.layers)} sites, {report.data['samples']} samples)")
-    print(f"  per-repeat ratios: {' '.join(f'{r:.2f}' for r in result['ratios'])}; "
-          f"best analysis / best bare: {result['best_ratio']:.2f}x")
-    print(f"torch backend: analysis / bare forward = {result['ratio']:.2f}x (median of interleaved repeats)")
+    for kernel in ("torch", "triton") if kernels == "both" else (kernels,):
+        result = measure_torch(model, batches, device, args.repeats, stats_kernel=kernel)
+        report = result["report"]
+        print(f"  statistics route: {report.run['stats_kernel']} (--stats-kernel {kernel})")
+        print(f"  bare forward (inference_mode): {result['bare_s'] * 1e3:8.1f} ms   (median)")
+        print(f"  reluscope.analyze:             {result['analysis_s'] * 1e3:8.1f} ms   (median; "
+              f"{len(report.layers)} sites, {report.data['samples']} samples)")
+        print(f"  per-repeat ratios: {' '.join(f'{r:.2f}' for r in result['ratios'])}; "
+              f"best analysis / best bare: {result['best_ratio']:.2f}x")
+        print(f"torch backend ({report.run['stats_kernel']} statistics): analysis / bare forward = "
+              f"{result['ratio']:.2f}x (median of interleaved repeats)")
     if not args.no_onnx:
         run_onnx_section(model, batches, args.repeats)
     return 0

@@ -29,19 +29,22 @@ def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: i
             max_samples: int | None = None, input_shape: Any = None, unit_axis: int | None = None,
             arch: str | None = None, trust_checkpoint: bool = False, rare_threshold: float = 0.01,
             dormant_tau: float = 0.025, gradients: bool = False, loss: str | None = None,
-            percentiles: bool = False, progress: ProgressCallback | None = None,
+            percentiles: bool = False, stats_kernel: str = "auto", progress: ProgressCallback | None = None,
             on_start: Callable[[int | None], None] | None = None) -> Report:
     """Analyse every ReLU-family activation site of `model` on `data`.
 
     `model` is an `nn.Module` (handed back as it came: mode, device, hooks), or a path to a
     state_dict (with `arch`), TorchScript, torch.export or ONNX file. `data` is a tensor, an
     array, a path (.npy/.npz/.pt/image folder), any iterable of batches, or None for
-    synthetic inputs of `input_shape` (per sample).
+    synthetic inputs of `input_shape` (per sample). `stats_kernel` picks how site statistics
+    are reduced: "triton" (one pass per activation, CUDA), "torch", or "auto" (Triton on CUDA
+    where the triton package is installed).
     """
     config = AnalyzeConfig(device=device, batch_size=batch_size, max_samples=max_samples,
                            input_shape=tuple(input_shape) if input_shape is not None else None, unit_axis=unit_axis,
                            arch=arch, trust_checkpoint=trust_checkpoint, rare_threshold=rare_threshold,
-                           dormant_tau=dormant_tau, gradients=gradients, loss=loss, percentiles=percentiles)
+                           dormant_tau=dormant_tau, gradients=gradients, loss=loss, percentiles=percentiles,
+                           stats_kernel=stats_kernel)
     return run_analysis(model, data, config, progress=progress, on_start=on_start)
 
 
@@ -58,10 +61,11 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     onnx = loaded.format == "onnx"
     world = world_from_env() if not onnx else World()
     dev = resolve_onnx_device(config.device) if onnx else resolve_device(config.device, loaded.module, world.local_rank)
+    kernel = "torch" if onnx else _resolve_kernel(config.stats_kernel, dev)
     # Where NaN/Inf handling is deferred (accelerators) a poisoned run is measured again; a one-pass
     # iterable cannot be, so it gets the NaN-safe statistics from the start.
     recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
-                            percentiles=config.percentiles, masked=not source.replayable and defers_nonfinite(dev))
+                            percentiles=config.percentiles, masked=not source.replayable and defers_nonfinite(dev), kernel=kernel)
     run = _Run(config, source, recorder, dev, world, progress if world.is_main else None)
     if source.synthetic:
         run.warnings.append(SYNTHETIC_WARNING)
@@ -91,7 +95,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         run={"backend": "onnxruntime" if onnx else "torch", "device": str(dev), "processes": world.size,
              "seconds": round(time.perf_counter() - started, 4),
              "rare_threshold": config.rare_threshold, "dormant_tau": config.dormant_tau,
-             "batch_size": run.config.batch_size},
+             "batch_size": run.config.batch_size, **({} if onnx else {"stats_kernel": kernel})},
         layers=layers,
         summary=build_summary(layers),
         warnings=run.warnings,
@@ -137,6 +141,15 @@ class _Run:
 
             self.samples = all_reduce_int(self.samples, self.device)
             self.recorder.all_reduce()
+
+
+def _resolve_kernel(requested: str, device: Any) -> str:
+    from .stats import resolve_kernel
+
+    try:
+        return resolve_kernel(requested, device)
+    except ValueError as exc:
+        raise UsageError(f"--stats-kernel triton: {exc}; use --stats-kernel auto or torch") from None
 
 
 def _load(model: Any, config: AnalyzeConfig) -> Any:

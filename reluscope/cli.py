@@ -162,6 +162,9 @@ def analyze(
                                        "half-squared-norm (default: chosen from the data and the output)."),
     percentiles: bool = typer.Option(False, "--percentiles", help="Also report p1/p50/p99/p99.9 of each site's outputs "
                                      "(streaming histogram, relative error <= 0.4%; costs extra passes)."),
+    stats_kernel: str = typer.Option("auto", "--stats-kernel", metavar="auto|triton|torch", help="How site statistics "
+                                     "are computed: a one-pass Triton kernel or PyTorch reductions. auto: Triton on "
+                                     "CUDA where the triton package is installed, PyTorch otherwise."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow unpickling code from the checkpoint "
                                           "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for "
                                           "files you trust."),
@@ -180,7 +183,7 @@ def analyze(
     given = {"data": data, "arch": arch, "input_shape": input_shape, "batch_size": batch_size,
              "max_samples": max_samples, "device": device, "output_format": output_format, "unit_axis": unit_axis,
              "rare_threshold": rare_threshold, "dormant_tau": dormant_tau, "gradients": gradients, "loss": loss,
-             "percentiles": percentiles,
+             "percentiles": percentiles, "stats_kernel": stats_kernel,
              "fail_on": fail_on, "junit": junit}
 
     def body() -> int:
@@ -196,7 +199,8 @@ def analyze(
                                input_shape=data_sources.parse_shape(opts["input_shape"]), unit_axis=opts["unit_axis"],
                                arch=opts["arch"], trust_checkpoint=trust_checkpoint,
                                rare_threshold=opts["rare_threshold"], dormant_tau=opts["dormant_tau"],
-                               gradients=opts["gradients"], loss=opts["loss"], percentiles=opts["percentiles"])
+                               gradients=opts["gradients"], loss=opts["loss"], percentiles=opts["percentiles"],
+                               stats_kernel=opts["stats_kernel"])
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)

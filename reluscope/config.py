@@ -21,6 +21,7 @@ class AnalyzeConfig:
     gradients: bool = False
     loss: str | None = None
     percentiles: bool = False
+    stats_kernel: str = "auto"  # auto, triton or torch (see stats.resolve_kernel)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -31,6 +32,8 @@ class AnalyzeConfig:
             raise UsageError(f"--rare-threshold must lie in [0, 1], not {self.rare_threshold}")
         if self.dormant_tau < 0.0:
             raise UsageError(f"--dormant-tau must be non-negative, not {self.dormant_tau}")
+        if self.stats_kernel not in ("auto", "triton", "torch"):
+            raise UsageError(f"--stats-kernel {self.stats_kernel!r} must be auto, triton or torch")
         device = self.device.lower()
         if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
             raise UsageError(f"--device {self.device!r} must be auto, cpu, cuda or cuda:N")

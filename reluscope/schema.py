@@ -179,6 +179,10 @@ def report_schema() -> dict[str, Any]:
                     "rare_threshold": _FRACTION,
                     "dormant_tau": _NONNEG,
                     "batch_size": {"type": "integer", "minimum": 1},
+                    "stats_kernel": {"description": "How the PyTorch backend computed site statistics: one-pass "
+                                     "Triton kernel or PyTorch reductions (sites the kernel does not cover, "
+                                     "e.g. PReLU or float64, always take PyTorch).",
+                                     "enum": ["triton", "torch"]},
                 },
             },
             "layers": {"type": "array", "items": {"$ref": "#/$defs/layer"}},

@@ -122,6 +122,7 @@ ANALYZE_KEYS: dict[str, tuple[str, Callable[[Path], Callable[[Any], Any]]]] = {
     "dormant-tau": ("dormant_tau", lambda base: _float),
     "gradients": ("gradients", lambda base: _bool),
     "percentiles": ("percentiles", lambda base: _bool),
+    "stats-kernel": ("stats_kernel", lambda base: _str),
     "loss": ("loss", lambda base: _str),
     "fail-on": ("fail_on", lambda base: _rules),
     "junit": ("junit", _path),

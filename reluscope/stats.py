@@ -8,6 +8,7 @@ accelerator (DESIGN rule 1); `to_host` is the one device-to-host transfer.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,32 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
     return values.sum(dim=other, dtype=torch.float64)
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def fused_module() -> Any:
+    """reluscope.triton_stats, or None where triton is not installed (CPU-only setups)."""
+    try:
+        from . import triton_stats
+    except ImportError:
+        return None
+    return triton_stats
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The route `kernel` takes on `device`: "triton" or "torch". Raises ValueError for a
+    Triton request that cannot be met."""
+    if kernel == "torch" or kernel == "auto" and torch.device(device).type != "cuda":
+        return "torch"  # without importing triton (a second of start-up) where it cannot be used
+    fused = fused_module()
+    usable = fused is not None and fused.usable_on(device)
+    if kernel == "triton" and not usable:
+        why = "the triton package is not installed" if fused is None else f"it needs a CUDA device, not {device}"
+        raise ValueError(f"the Triton statistics kernel cannot run here: {why}")
+    return "triton" if usable else "torch"
+
+
 def defers_nonfinite(device: torch.device) -> bool:
     """Whether NaN/Inf handling waits for the end of the run: where a host sync is not free."""
     return torch.device(device).type != "cpu"
@@ -55,6 +82,7 @@ class SiteStats:
     device: torch.device
     percentiles: bool = False  # keep a streaming histogram (see histogram.py)
     masked: bool = False  # always take the NaN/Inf-safe path
+    kernel: str = "auto"  # auto: the Triton kernel on CUDA where triton is installed; triton; torch
     defer_nonfinite: bool | None = None  # None: on accelerators (see update)
     elements: int = 0  # host-side: shapes are metadata, counting them costs no sync
     samples: int = 0
@@ -99,14 +127,31 @@ class SiteStats:
         object that later ops will overwrite.
         """
         y = output.detach()
-        if y.dtype not in (torch.float32, torch.float64):
-            y = y.float()
         if y.dim() == 0:
             y = y.reshape(1)
         self.samples += y.shape[0] if y.dim() > len(self.shape) else 1
         self.elements += y.numel()
         unit_dim = self.unit_axis + (y.dim() - len(self.shape)) if self.shape else None
+        fused = self._fused_kernel(inp) if self.kernel != "torch" else None
+        if fused is not None and fused.accumulate(self, y, unit_dim):
+            if self.hist is not None:
+                y = y.float()  # NaN/Inf go to the +inf bucket, which percentiles leave out
+                histogram.update(self.hist, torch.where(torch.isfinite(y), y, torch.inf))
+            return
+        if y.dtype not in (torch.float32, torch.float64):
+            y = y.float()
+        self._update_torch(y, inp, unit_dim)
 
+    def _fused_kernel(self, inp: torch.Tensor | None) -> Any:
+        """The one-pass Triton module where this site may use it, else None (PyTorch route)."""
+        if self.activation.active_from_input and inp is not None:
+            return None  # "active" reads the input: a second tensor the kernel does not take
+        if self.kernel == "auto" and torch.device(self.device).type != "cuda":
+            return None
+        return fused_module()
+
+    def _update_torch(self, y: torch.Tensor, inp: torch.Tensor | None, unit_dim: int | None) -> None:
+        """The plain PyTorch route: a handful of reductions, each a pass over `y`."""
         bmin, bmax = torch.aminmax(y)
         bsumsq = torch.linalg.vector_norm(y).double() ** 2
         clean = y

@@ -11,6 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (test_triton_stats.py).
+# Triton reads this once, when it is first imported, so it is set before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"

@@ -58,11 +58,12 @@ def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None
 
 class SiteRecorder:
     def __init__(self, unit_axis: int | None = None, gradients: bool = False, percentiles: bool = False,
-                 masked: bool = False) -> None:
+                 masked: bool = False, kernel: str = "auto") -> None:
         self.unit_axis_override = unit_axis
         self.gradients = gradients
         self.percentiles = percentiles
         self.masked = masked  # NaN/Inf-safe statistics on every batch (the re-run after a poisoned one)
+        self.kernel = kernel  # how SiteStats reduce: auto, triton or torch
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
 
@@ -82,7 +83,7 @@ class SiteRecorder:
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
             stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles,
-                              masked=self.masked)
+                              masked=self.masked, kernel=self.kernel)
             grad = SiteGradStats.on(output.device) if self.gradients else None
             site = _Site(base, call, activation, stats, tensor, grad, module)
             self._sites[(base, call)] = site
@@ -123,7 +124,8 @@ class SiteRecorder:
     def fresh(self, **changes: Any) -> "SiteRecorder":
         """An empty recorder with the same settings (for a run that starts over)."""
         settings = {"unit_axis": self.unit_axis_override, "gradients": self.gradients,
-                    "percentiles": self.percentiles, "masked": self.masked}
+                    "percentiles": self.percentiles, "masked": self.masked,
+                    "kernel": self.kernel}
         return SiteRecorder(**{**settings, **changes})
 
     def all_reduce(self) -> None:
