@@ -44,6 +44,39 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def _load_tile(x_ptr, tile, in_program, outer, units, inner, inner_chunks, rows, unit, unit_ok, lanes,
+               ROWS: tl.constexpr, INNER_BLOCK: tl.constexpr):
+    """One tile of the (outer, units, inner) view as float32, and which of its lanes are real."""
+    row = (tile // inner_chunks) * ROWS + rows
+    inner_idx = (tile % inner_chunks) * INNER_BLOCK + lanes
+    # A tile past the program's run (it belongs to the next program) or past the tensor's end
+    # (then its first row is >= outer) is masked off.
+    valid = (row < outer) & unit_ok & (inner_idx < inner) & (rows * 0 + in_program > 0)
+    offsets = (row.to(tl.int64) * units + unit) * inner + inner_idx
+    return tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32), valid
+
+
+@triton.jit
+def _fold(x, valid, active, abs_sum, saturated, nonfinite, low, high, total, squares, upper,
+          HAS_ABS: tl.constexpr, HAS_UPPER: tl.constexpr):
+    """Add one tile to the per-lane accumulators."""
+    finite = valid & (tl.abs(x) < float("inf"))  # false for NaN too
+    nonfinite += (valid & (finite == 0)).to(tl.int32)
+    clean = tl.where(finite, x, 0.0)  # zero is inactive under every definition
+    active += (clean > 0).to(tl.int32)
+    clean64 = clean.to(tl.float64)
+    if HAS_ABS:
+        abs_sum += tl.abs(clean64)
+    if HAS_UPPER:
+        saturated += (valid & (clean >= upper)).to(tl.int32)
+    low = tl.minimum(low, tl.where(finite, x, float("inf")))
+    high = tl.maximum(high, tl.where(finite, x, float("-inf")))
+    total += clean64
+    squares += clean64 * clean64
+    return active, abs_sum, saturated, nonfinite, low, high, total, squares
+
+
 # The loop bounds change with every batch shape; specialising on them would compile a kernel
 # per shape. `units` and `inner` stay specialised: their divisibility lets loads vectorise.
 @triton.jit(do_not_specialize=["outer", "inner_chunks", "tiles_per_program", "upper"])
@@ -57,7 +90,7 @@ def _site_stats_kernel(
     # UNIT_BLOCK units and a run of tiles_per_program tiles of shape (ROWS, UNIT_BLOCK,
     # INNER_BLOCK) along their (outer, inner) extent.
     unit_block = tl.program_id(0)
-    split = tl.program_id(1)
+    first = tl.program_id(1) * tiles_per_program
     rows = tl.arange(0, ROWS)[:, None, None]
     unit_ids = unit_block * UNIT_BLOCK + tl.arange(0, UNIT_BLOCK)
     unit = unit_ids[None, :, None]
@@ -73,27 +106,18 @@ def _site_stats_kernel(
     total = tl.zeros([ROWS, UNIT_BLOCK, INNER_BLOCK], dtype=tl.float64)
     squares = tl.zeros([ROWS, UNIT_BLOCK, INNER_BLOCK], dtype=tl.float64)
 
-    for step in range(tiles_per_program):
-        # A tile past the last one (in the last program) starts at a row >= outer: masked off.
-        tile = split * tiles_per_program + step
-        row = (tile // inner_chunks) * ROWS + rows
-        inner_idx = (tile % inner_chunks) * INNER_BLOCK + lanes
-        valid = (row < outer) & unit_ok & (inner_idx < inner)
-        offsets = (row.to(tl.int64) * units + unit) * inner + inner_idx
-        x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-        finite = valid & (tl.abs(x) < float("inf"))  # false for NaN too
-        nonfinite += (valid & (finite == 0)).to(tl.int32)
-        clean = tl.where(finite, x, 0.0)  # zero is inactive under every definition
-        active += (clean > 0).to(tl.int32)
-        clean64 = clean.to(tl.float64)
-        if HAS_ABS:
-            abs_sum += tl.abs(clean64)
-        if HAS_UPPER:
-            saturated += (valid & (clean >= upper)).to(tl.int32)
-        low = tl.minimum(low, tl.where(finite, x, float("inf")))
-        high = tl.maximum(high, tl.where(finite, x, float("-inf")))
-        total += clean64
-        squares += clean64 * clean64
+    # Two tiles per step, both loads issued before either is folded in: twice the bytes in
+    # flight per thread for the same accumulator registers (the kernel is bandwidth-bound and
+    # its float64 accumulators limit how many threads fit on an SM).
+    for step in range(0, tiles_per_program, 2):
+        xa, va = _load_tile(x_ptr, first + step, 1, outer, units, inner, inner_chunks, rows, unit, unit_ok, lanes,
+                            ROWS, INNER_BLOCK)
+        xb, vb = _load_tile(x_ptr, first + step + 1, step + 1 < tiles_per_program, outer, units, inner,
+                            inner_chunks, rows, unit, unit_ok, lanes, ROWS, INNER_BLOCK)
+        active, abs_sum, saturated, nonfinite, low, high, total, squares = _fold(
+            xa, va, active, abs_sum, saturated, nonfinite, low, high, total, squares, upper, HAS_ABS, HAS_UPPER)
+        active, abs_sum, saturated, nonfinite, low, high, total, squares = _fold(
+            xb, vb, active, abs_sum, saturated, nonfinite, low, high, total, squares, upper, HAS_ABS, HAS_UPPER)
 
     unit_mask = unit_ids < units
     per_unit_active = tl.sum(tl.sum(active.to(tl.int64), axis=2), axis=0)
