@@ -460,6 +460,24 @@ def test_torchscript_sites_inside_control_flow_are_reported_unanalysed(tmp_path:
     assert [item["name"] for item in report.unanalysed] == ["relu()"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, test_cpu_and_cuda_agree runs the kernel compiled")
+def test_triton_kernel_gives_the_pytorch_report(zoo: Zoo, data: torch.Tensor, eager_report: reluscope.Report) -> None:
+    """The whole zoo through the one-pass kernel (Triton's interpreter, see conftest.py): PReLU
+    falls back to PyTorch, everything else goes through the kernel; the numbers are the same."""
+    pytest.importorskip("triton")
+    report = reluscope.analyze(zoo, data, batch_size=BATCH, stats_kernel="triton", percentiles=True)
+    plain = reluscope.analyze(zoo, data, batch_size=BATCH, stats_kernel="torch", percentiles=True)
+    assert report.run["stats_kernel"] == "triton" and plain.run["stats_kernel"] == "torch"
+    assert report.names == plain.names == eager_report.names
+    for got, want in zip(report.layers, plain.layers):
+        for key, value in want.items():
+            if key in ("mean", "std"):  # float64 sums in the kernel, float32 in the PyTorch route
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["name"], key)
+            else:
+                assert got[key] == value, (want["name"], key)
+    assert report.summary == plain.summary
+
+
 # ----------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_and_cuda_agree(zoo: Zoo, data: torch.Tensor, eager_report: reluscope.Report) -> None:
