@@ -61,7 +61,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     onnx = loaded.format == "onnx"
     world = world_from_env() if not onnx else World()
     dev = resolve_onnx_device(config.device) if onnx else resolve_device(config.device, loaded.module, world.local_rank)
-    kernel = "torch" if onnx else _resolve_kernel(config.stats_kernel, dev)
+    kernel, kernel_warning = ("torch", None) if onnx else _resolve_kernel(config.stats_kernel, dev)
     # Where NaN/Inf handling is deferred (accelerators) a poisoned run is measured again; a one-pass
     # iterable cannot be, so it gets the NaN-safe statistics from the start.
     recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
@@ -69,6 +69,8 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     run = _Run(config, source, recorder, dev, world, progress if world.is_main else None)
     if source.synthetic:
         run.warnings.append(SYNTHETIC_WARNING)
+    if kernel_warning is not None:
+        run.warnings.append(kernel_warning)
     run.kept_warnings = len(run.warnings)
     if on_start is not None and world.is_main:
         on_start(source.planned_samples(config.max_samples))
@@ -143,13 +145,21 @@ class _Run:
             self.recorder.all_reduce()
 
 
-def _resolve_kernel(requested: str, device: Any) -> str:
-    from .stats import resolve_kernel
+def _resolve_kernel(requested: str, device: Any) -> tuple[str, str | None]:
+    """The statistics route ("triton" or "torch") and a warning when auto had to give up Triton."""
+    from .stats import fused_module, resolve_kernel
 
     try:
-        return resolve_kernel(requested, device)
+        kernel = resolve_kernel(requested, device)
     except ValueError as exc:
         raise UsageError(f"--stats-kernel triton: {exc}; use --stats-kernel auto or torch") from None
+    if kernel == "triton":
+        problem = fused_module().self_check(device)
+        if problem is not None:
+            if requested == "triton":
+                raise UsageError(f"--stats-kernel triton: {problem}; use --stats-kernel torch")
+            return "torch", f"{problem}; site statistics were computed with PyTorch instead"
+    return kernel, None
 
 
 def _load(model: Any, config: AnalyzeConfig) -> Any:

@@ -192,6 +192,7 @@ def _nothing(work: Path) -> None:
 class Case:
     setup: Callable[[Path], None]
     subprocess: bool = False  # run as a real process: a regression here would kill the test process
+    unset: tuple[str, ...] = ()  # environment variables the command runs without
 
 
 CASES: dict[str, Case] = {
@@ -225,6 +226,8 @@ CASES: dict[str, Case] = {
     "labels-out-of-range": Case(_write_npz("labels.npz", x=_x, y=np.arange(10, 20))),
     "huge-header": Case(_write_huge_header),
     "cuda-no-gpu": Case(_skip_with_cuda),
+    # without the Triton interpreter that conftest.py switches on for the kernel's own tests
+    "triton-no-gpu": Case(_skip_with_cuda, subprocess=True, unset=("TRITON_INTERPRET",)),
     "output-under-file": Case(_write_blocker),
     "output-is-folder": Case(lambda w: (w / "reports").mkdir()),
     "nan-data": Case(_write_npz("nan.npz", x=_nan_x)),
@@ -354,7 +357,8 @@ def test_documented_error(row: Row, workdir: Path, cli_env: dict[str, str]) -> N
     assert args[0] == "reluscope"
     started = time.monotonic()
     with fifo_watchdog(workdir):
-        outcome = run_cli(args[1:], workdir, {**cli_env, "COLUMNS": "200"}, in_subprocess=case.subprocess)
+        env = {key: value for key, value in cli_env.items() if key not in case.unset}
+        outcome = run_cli(args[1:], workdir, {**env, "COLUMNS": "200"}, in_subprocess=case.subprocess)
     assert time.monotonic() - started < 20, "the command blocked"
     assert not (workdir / MARKER).exists(), "code from a file ran"
     pattern = message_pattern(row.message)

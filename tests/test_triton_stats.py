@@ -193,6 +193,65 @@ def test_kernel_compiles_for_the_h100_without_spilling(cli_env: dict[str, str]) 
     assert large_map["vector_loads"] > 0, large_map  # aligned 56x56 maps load 16 bytes at a time
 
 
+def test_self_check_passes_on_this_machine(kernel: ModuleType) -> None:
+    kernel.self_check.cache_clear()
+    assert kernel.self_check(DEVICE) is None
+
+
+@pytest.fixture
+def broken_kernel(kernel: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[..., bool]], None]:
+    """Fault injection: replace the launch (as a GPU the kernel cannot compile for, or a compiler
+    that miscompiles it, would) for the self-check and the analysis."""
+    def install(fake: Callable[..., bool]) -> None:
+        monkeypatch.setattr(kernel, "accumulate", fake)
+        kernel.self_check.cache_clear()
+
+    yield install
+    kernel.self_check.cache_clear()
+
+
+def _launch_fails(stats: SiteStats, y: torch.Tensor, unit_dim: int | None, **_: Any) -> bool:
+    raise RuntimeError("PTX assembly aborted due to errors\nptxas fatal")
+
+
+def test_a_kernel_that_cannot_run_is_refused_when_asked_for(broken_kernel: Callable, samples_dir: Path,
+                                                            calib_path: Path, tmp_path: Path) -> None:
+    broken_kernel(_launch_fails)
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["analyze", str(samples_dir / "digits_cnn.pt"), "--arch", arch_spec("digits_cnn"),
+                                      "--data", str(calib_path), "--device", str(DEVICE), "--stats-kernel", "triton",
+                                      "-o", str(out), "-f", "json"])
+    assert result.exit_code == 2
+    assert (f"error: --stats-kernel triton: the Triton statistics kernel failed on {DEVICE}: RuntimeError: PTX "
+            "assembly aborted due to errors; use --stats-kernel torch") in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_a_kernel_that_miscounts_is_caught_by_the_self_check(broken_kernel: Callable, kernel: ModuleType) -> None:
+    real = kernel.accumulate
+
+    def off_by_one(stats: SiteStats, y: torch.Tensor, unit_dim: int | None, **options: Any) -> bool:
+        done = real(stats, y, unit_dim, **options)
+        stats.active[0] += 1
+        return done
+
+    broken_kernel(off_by_one)
+    assert kernel.self_check(DEVICE) == f"the Triton statistics kernel disagreed with PyTorch on {DEVICE} (active)"
+
+
+@pytest.mark.skipif(not CUDA, reason="auto tries the kernel only on CUDA")
+def test_auto_falls_back_to_pytorch_with_a_warning(broken_kernel: Callable, samples_dir: Path,
+                                                   calib_path: Path) -> None:
+    import reluscope
+
+    broken_kernel(_launch_fails)
+    report = reluscope.analyze(samples_dir / "digits_cnn.pt", calib_path, arch=arch_spec("digits_cnn"),
+                               device="cuda")
+    assert report.run["stats_kernel"] == "torch"
+    assert any("the Triton statistics kernel failed on cuda" in warning and "computed with PyTorch instead" in warning
+               for warning in report.warnings)
+
+
 # ----------------------------------------------------------------------------- through the CLI
 def _analyze(samples_dir: Path, calib_path: Path, out: Path, kernel_choice: str, env: dict[str, str]
              ) -> subprocess.CompletedProcess:
