@@ -48,8 +48,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def _load_tile(x_ptr, tile, in_program, outer, units, inner, inner_chunks, rows, unit, unit_ok, lanes,
                ROWS: tl.constexpr, INNER_BLOCK: tl.constexpr):
     """One tile of the (outer, units, inner) view as float32, and which of its lanes are real."""
-    row = (tile // inner_chunks) * ROWS + rows
-    inner_idx = (tile % inner_chunks) * INNER_BLOCK + lanes
+    if INNER_BLOCK == 1:
+        # Units on the last axis (inner == 1, one chunk per row tile). Said at compile time so
+        # that the offsets are provably aligned and loads vectorise along the units.
+        row = tile * ROWS + rows
+        inner_idx = lanes
+    else:
+        row = (tile // inner_chunks) * ROWS + rows
+        inner_idx = (tile % inner_chunks) * INNER_BLOCK + lanes
     # A tile past the program's run (it belongs to the next program) or past the tensor's end
     # (then its first row is >= outer) is masked off.
     valid = (row < outer) & unit_ok & (inner_idx < inner) & (rows * 0 + in_program > 0)
