@@ -65,7 +65,8 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     # Where NaN/Inf handling is deferred (accelerators) a poisoned run is measured again; a one-pass
     # iterable cannot be, so it gets the NaN-safe statistics from the start.
     recorder = SiteRecorder(unit_axis=config.unit_axis, gradients=config.gradients and not onnx,
-                            percentiles=config.percentiles, masked=not source.replayable and defers_nonfinite(dev), kernel=kernel)
+                            percentiles=config.percentiles, masked=not source.replayable and defers_nonfinite(dev),
+                            kernel=kernel)
     run = _Run(config, source, recorder, dev, world, progress if world.is_main else None)
     if source.synthetic:
         run.warnings.append(SYNTHETIC_WARNING)

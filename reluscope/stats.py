@@ -41,9 +41,6 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
     return values.sum(dim=other, dtype=torch.float64)
 
 
-KERNELS = ("auto", "triton", "torch")
-
-
 @functools.cache
 def fused_module() -> Any:
     """reluscope.triton_stats, or None where triton is not installed (CPU-only setups)."""
@@ -134,9 +131,9 @@ class SiteStats:
         unit_dim = self.unit_axis + (y.dim() - len(self.shape)) if self.shape else None
         fused = self._fused_kernel(inp) if self.kernel != "torch" else None
         if fused is not None and fused.accumulate(self, y, unit_dim):
-            if self.hist is not None:
-                y = y.float()  # NaN/Inf go to the +inf bucket, which percentiles leave out
-                histogram.update(self.hist, torch.where(torch.isfinite(y), y, torch.inf))
+            if self.hist is not None:  # NaN/Inf go to the +inf bucket, which percentiles leave out
+                values = y.float()
+                histogram.update(self.hist, torch.where(torch.isfinite(values), values, torch.inf))
             return
         if y.dtype not in (torch.float32, torch.float64):
             y = y.float()

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
@@ -212,37 +212,46 @@ def accumulate(stats: SiteStats, y: torch.Tensor, unit_dim: int | None, *,
 
 @functools.cache
 def self_check(device: torch.device) -> str | None:
-    """Run the kernel once on a small batch that exercises every statistic and compare it with
-    the PyTorch route: None when they agree, else one line saying what went wrong. A GPU the
-    kernel cannot compile for, or a compiler that miscompiles it, then costs a warning and the
-    PyTorch route instead of a crash or wrong numbers. Cached per device."""
+    """Run the kernel on two small batches that exercise every statistic and both tile layouts,
+    and compare it with the PyTorch route: None when they agree, else one line saying what went
+    wrong. A GPU the kernel cannot compile for, or a compiler that miscompiles it, then costs a
+    warning and the PyTorch route instead of a crash or wrong numbers. Cached per device."""
     from .sites import Activation
-    from .stats import SiteStats
 
-    activation = Activation("self-check", hard_zero=False, upper=6.0)  # |y| sums and saturation too
     generator = torch.Generator().manual_seed(0)
-    y = (4 * torch.randn(3, 5, 6, 7, generator=generator)).clamp(-1, 6)
-    y[0, 1, 2, 3], y[1, 4, 0, 0], y[2, 0, 5, 6] = float("nan"), float("inf"), float("-inf")
-    y = y.to(device)
-    fused = SiteStats(activation, tuple(y.shape[1:]), 0, torch.device(device), kernel="torch")
-    reference = SiteStats(activation, tuple(y.shape[1:]), 0, torch.device(device), kernel="torch", masked=True)
-    reference.update(y)
+    maps = (4 * torch.randn(3, 5, 6, 7, generator=generator)).clamp(-1, 6)  # units on axis 1 of NCHW
+    maps[0, 1, 2, 3], maps[1, 4, 0, 0], maps[2, 0, 5, 6] = float("nan"), float("inf"), float("-inf")
+    features = torch.randn(9, 40, generator=generator).relu()  # units on the last axis
+    features[4, 7] = float("nan")
+    checks = [(Activation("self-check", hard_zero=False, upper=6.0), maps),  # |y| sums and saturation too
+              (Activation("relu", hard_zero=True), features)]
     try:
-        accumulate(fused, y, 1, target_programs=4)
-        fused.samples, fused.elements = reference.samples, reference.elements
-        got, want = fused.to_host(), reference.to_host()
+        for activation, y in checks:
+            wrong = _disagreements(activation, y.to(device))
+            if wrong:
+                return f"the Triton statistics kernel disagreed with PyTorch on {device} ({', '.join(wrong)})"
     except Exception as exc:  # noqa: BLE001 - any failure to compile or launch means "not usable here"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"the Triton statistics kernel failed on {device}: {type(exc).__name__}: {first_line[:200]}"
-    exact = ("active", "saturated", "nonfinite", "min", "max")
-    wrong = [key for key in exact if got[key] != want[key]]
-    wrong += [key for key in ("sum", "sumsq", "abs_sum") if not _close(got[key], want[key])]
-    if wrong:
-        return f"the Triton statistics kernel disagreed with PyTorch on {device} ({', '.join(wrong)})"
     return None
 
 
-def _close(got: float | list[float], want: float | list[float]) -> bool:
+def _disagreements(activation: Any, y: torch.Tensor) -> list[str]:
+    """Statistics of one batch where the kernel and the NaN-safe PyTorch route differ."""
+    from .stats import SiteStats
+
+    fused = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch")
+    reference = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch", masked=True)
+    reference.update(y)
+    accumulate(fused, y, 1, target_programs=4)
+    fused.samples, fused.elements = reference.samples, reference.elements
+    got, want = fused.to_host(), reference.to_host()
+    wrong = [key for key in ("active", "saturated", "nonfinite", "min", "max") if got[key] != want[key]]
+    return wrong + [key for key in ("sum", "sumsq", "abs_sum") if not _close(got[key], want[key])]
+
+
+def _close(got: Any, want: Any) -> bool:
+    if got is None or want is None:
+        return got is want
     pairs = zip(got, want) if isinstance(got, list) and isinstance(want, list) else [(got, want)]
     return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in pairs)
-
