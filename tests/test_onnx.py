@@ -507,3 +507,67 @@ def test_sites_carry_the_pytorch_name_from_the_exporter_metadata(samples_dir: Pa
     onnx_report = reluscope.analyze(samples_dir / "digits_cnn.onnx", calib_path)
     assert [layer["module"] for layer in onnx_report.layers] == torch_report.names == ["relu#0", "relu()", "relu#1"]
     assert [layer["name"] for layer in onnx_report.layers] != torch_report.names  # names stay the node names
+
+
+# ----------------------------------------------------------------------------- onnxruntime-optimized files
+def ort_optimized(source: Path, target: Path, level: str) -> Path:
+    """`source` as onnxruntime saves it after graph optimization (`optimized_model_filepath`)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3  # ENABLE_ALL warns that the file is machine-specific: that is the point
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return target
+
+
+class FusableActivations(nn.Module):
+    """Conv + ReLU6, Conv + LeakyReLU and Linear + ReLU: each pair becomes one fused onnxruntime node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.relu6 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(5 * 8 * 8, 12)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.leaky(self.conv2(self.relu6(3 * self.conv1(x))))
+        return self.relu(self.fc(x.flatten(1)))
+
+
+def test_fused_conv_and_gemm_of_an_optimized_model_are_sites(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 8, 8)
+    plain = export(FusableActivations(), x[:2], tmp_path / "plain.onnx")
+    fused = ort_optimized(plain, tmp_path / "fused.onnx", "ORT_ENABLE_EXTENDED")
+    fused_ops = [(n.domain, n.op_type) for n in onnx.load(fused).graph.node]
+    assert ("com.microsoft", "FusedConv") in fused_ops and ("com.microsoft", "FusedGemm") in fused_ops
+    assert not [op for domain, op in fused_ops if op in ("Relu", "LeakyRelu", "Clip")]  # all folded in
+
+    want = reluscope.analyze(plain, x, batch_size=16)
+    got = reluscope.analyze(fused, x, batch_size=16)
+    assert [layer["op"] for layer in got.layers] == ["relu6", "leaky_relu", "relu"]
+    assert not got.unanalysed
+    for a, b in zip(got.layers, want.layers):
+        for key in ("op", "shape", "unit_axis", "units", "samples", "dead_units", "rarely_active_units",
+                    "dormant_units", "zero_fraction", "saturated_fraction", "nonfinite"):
+            assert a[key] == b[key], (b["name"], key)
+        for key in ("min", "max", "mean", "std"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (b["name"], key)
+    assert got.layers[0]["saturated_fraction"] > 0  # 3 * conv1 reaches ReLU6's bound
+
+
+def test_blocked_layout_convolutions_are_listed_as_unanalysed(samples_dir: Path, calib_path: Path,
+                                                              tmp_path: Path) -> None:
+    blocked = ort_optimized(samples_dir / "digits_cnn.onnx", tmp_path / "all.onnx", "ORT_ENABLE_ALL")
+    nchwc = [n.name for n in onnx.load(blocked).graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
+    if not nchwc:
+        pytest.skip("onnxruntime did not use its NCHWc layout on this machine")
+    report = reluscope.analyze(blocked, calib_path)
+    assert [item["name"] for item in report.unanalysed] == nchwc
+    assert all("NCHWc layout" in item["reason"] and item["op"] == "relu" for item in report.unanalysed)
+    assert [layer["op"] for layer in report.layers] == ["relu"]  # the FusedGemm is still measured

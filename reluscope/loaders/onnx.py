@@ -42,6 +42,15 @@ _SIMPLE_OPS = {  # op_type -> Activation, for ops that are a site by themselves
 }
 # onnxruntime's contrib ops, as written by its transformer optimizer.
 _MICROSOFT_OPS = {op: Activation("gelu", hard_zero=False) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
+# ... and by its graph optimizer (a model saved with `optimized_model_filepath`): a convolution or
+# matrix product with the activation folded in (`activation` attribute). The site is the fused
+# node's output; its units lie where the layer writes them.
+_FUSED_LAYERS = {"FusedConv": CHANNEL, "NhwcFusedConv": LAST, "FusedGemm": LAST}
+# At ORT_ENABLE_ALL the optimizer also writes convolutions in a blocked, machine-specific layout
+# (N, C/8, H, W, 8), channels padded: listed as unanalysed rather than measured wrongly.
+_NCHWC_DOMAIN = "com.microsoft.nchwc"
+_NCHWC_REASON = ("in onnxruntime's machine-specific NCHWc layout (a model saved at ORT_ENABLE_ALL); analyse the "
+                 "model before optimization, or one saved at ORT_ENABLE_EXTENDED")
 
 # Producers: convolutions write units on the channel axis, matrix products on the last one.
 _CHANNEL_PRODUCERS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})
@@ -235,10 +244,30 @@ class _Graph:
         return None
 
 
+def _fused_activation(node: onnx.NodeProto) -> Activation | None:
+    """The ReLU-family activation folded into an onnxruntime FusedConv/FusedGemm, if any."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kind = attrs.get("activation", b"")
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    params = list(attrs.get("activation_params", []))
+    if kind == "Relu":
+        return Activation("relu", hard_zero=True)
+    if kind == "LeakyRelu":
+        return Activation("leaky_relu", hard_zero=False)
+    if kind == "Clip" and len(params) == 2 and params[0] == 0:
+        high = params[1]
+        if high == 6:
+            return Activation("relu6", hard_zero=True, upper=6.0)
+        return Activation("clamp", hard_zero=True, upper=None if high >= _FLT_MAX else float(high))
+    if kind == "HardSigmoid":
+        return Activation("hardsigmoid", hard_zero=True, upper=1.0)
+    return None  # Sigmoid, Tanh, a Clip with another minimum: not ReLU-family
+
+
 def _classify(node: onnx.NodeProto, graph: _Graph) -> tuple[Activation, str] | None:
     """(activation, input tensor) when `node` is a site."""
     if node.domain == "com.microsoft":
-        act = _MICROSOFT_OPS.get(node.op_type)
+        act = _fused_activation(node) if node.op_type in _FUSED_LAYERS else _MICROSOFT_OPS.get(node.op_type)
         return (act, node.input[0]) if act is not None else None
     if node.domain not in _DEFAULT_DOMAINS or not node.input:
         return None
@@ -300,9 +329,18 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[OnnxSite], list[dict[str, A
     opset = default_opset(model)
     found = list(_sites_of(model.graph, opset))
     modules = torch_site_names([(node, act) for node, act, _, _ in found])
-    sites = [OnnxSite(_site_name(node), node.output[0], inp, act, graph.layout(inp), module)
+    sites = [OnnxSite(_site_name(node), node.output[0], inp, act, _layout_of(node, inp, graph), module)
              for (node, act, inp, graph), module in zip(found, modules)]
-    return sites, list(_control_flow_sites(model.graph, opset))
+    blocked = [{"name": _site_name(node), "op": act.op, "reason": _NCHWC_REASON} for node in model.graph.node
+               if node.domain == _NCHWC_DOMAIN and (act := _fused_activation(node)) is not None]
+    return sites, blocked + list(_control_flow_sites(model.graph, opset))
+
+
+def _layout_of(node: onnx.NodeProto, inp: str, graph: _Graph) -> str | None:
+    """Where a site's units lie: a fused layer knows; otherwise the layer that produced its input."""
+    if node.domain == "com.microsoft" and node.op_type in _FUSED_LAYERS:
+        return _FUSED_LAYERS[node.op_type]
+    return graph.layout(inp)
 
 
 def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str | None]:
