@@ -712,3 +712,39 @@ def test_cuda_out_of_memory_restarts_with_smaller_batches(clean_global_state: No
     expected = reluscope.analyze(model, x, device="cpu", batch_size=16)
     assert report.layers[0]["dead_units"] == expected.layers[0]["dead_units"]
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_concurrent_export_loads_never_lift_the_weights_only_switch(tmp_path: Path) -> None:
+    """Library users may load from several threads: the forced weights_only switch is process-wide,
+    so overlapping loads must not restore each other's environment while a payload is read (and
+    torch.export.load itself fails when two run at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reluscope.loaders import load_model
+
+    payload = tmp_path / "payload.pt2"
+    pt2_with_pickled_weight(SAMPLES / "digits_mlp.pt2", payload, tmp_path / MARKER)
+    paths = [payload if i % 2 else SAMPLES / "digits_mlp.pt2" for i in range(12)]
+
+    def load(path: Path) -> str:
+        try:
+            load_model(path, trust_checkpoint=False)
+        except UnsafeCheckpointError:
+            return "refused"
+        return "loaded"
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(load, paths))
+    assert outcomes == ["refused" if path == payload else "loaded" for path in paths]
+    assert not (tmp_path / MARKER).exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_trusted_export_loads_from_several_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reluscope.loaders import load_model
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        loaded = list(pool.map(lambda _: load_model(SAMPLES / "digits_cnn.pt2", trust_checkpoint=True), range(8)))
+    assert {item.format for item in loaded} == {"torch-export"}

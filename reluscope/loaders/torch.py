@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -71,7 +72,7 @@ def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
     if not trust_checkpoint:
         _refuse_opaque_objects(path)
     try:
-        with _torch_export_logs() as logged, \
+        with _EXPORT_LOAD_LOCK, _torch_export_logs() as logged, \
                 contextlib.nullcontext() if trust_checkpoint else _weights_only_loads():
             program = torch.export.load(str(path))
         module = program.module()
@@ -125,10 +126,19 @@ def _refuse_opaque_objects(path: Path) -> None:
                                                                           "archive)"))
 
 
+# One torch.export.load at a time. It is not thread-safe itself (in torch 2.13 a second load
+# fails with "_CURRENT_DESERIALIZER is already set"), and two overlapping weights-only blocks
+# would restore each other's saved environment: the first to finish would lift the switch while
+# the other's untrusted load still runs.
+_EXPORT_LOAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
     """Every torch.load inside forced to weights_only=True, whatever its caller asks for (torch's
-    documented TORCH_FORCE_WEIGHTS_ONLY_LOAD switch; process-wide while the block runs)."""
+    documented TORCH_FORCE_WEIGHTS_ONLY_LOAD switch). The switch is process-wide while the block
+    runs: a torch.load in another thread meanwhile is forced too, which fails safe. Run it under
+    _EXPORT_LOAD_LOCK."""
     names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     saved = {name: os.environ.get(name) for name in names}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
