@@ -1,6 +1,7 @@
 """Calibration data sources: arrays, .npy/.npz/.pt files, image folders, synthetic inputs,
 or any iterable of batches. Each yields `Batch`es lazily; nothing holds the whole dataset
-in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy)."""
+in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy, one batch of
+rows at a time from inside an .npz)."""
 
 from __future__ import annotations
 
@@ -197,9 +198,7 @@ def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSo
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             return _checked(DataSource(str(path), False, int(array.shape[0]) if array.ndim else 0, arrays=(array,)))
         if head.startswith(b"PK") and suffix == ".npz":
-            _check_npz_headers(path)
-            with np.load(path, allow_pickle=False) as archive:
-                return _from_mapping({k: archive[k] for k in archive.files}, str(path))
+            return _from_mapping(_npz_members(path), str(path))
         if head.startswith(b"PK") or head[:1] == b"\x80":
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -260,13 +259,70 @@ def _check_npy_header(handle: Any, size: int, what: str) -> None:
                          "is truncated or damaged")
 
 
-def _check_npz_headers(path: Path) -> None:
-    """_check_npy_header for each member of an .npz archive, against its uncompressed size."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.filename.endswith(".npy"):
-                with archive.open(info) as member:
-                    _check_npy_header(member, info.file_size, f"{path} (array {info.filename[:-4]!r})")
+class NpzMember:
+    """One array inside an .npz archive, read a slice of rows at a time.
+
+    np.load decompresses a whole member on first access, so a large (or hostile: a few MB that
+    inflate to many GB) archive would sit in memory at once. Here only the header is read up
+    front; `member[start:stop]` seeks to the rows and reads just those bytes. Batches come in
+    order, so each seek moves forward (a compressed member is inflated once per pass)."""
+
+    def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> None:
+        from numpy.lib import format as npy_format
+
+        self._archive, self._info, self._what = archive, info, what
+        self._member = archive.open(info)
+        _check_npy_header(self._member, info.file_size, what)  # refuses headers claiming more than the file holds
+        self._member.seek(0)
+        version = npy_format.read_magic(self._member)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran_order, self.dtype = read(self._member)
+        self.shape = tuple(shape)
+        self._offset = self._member.tell()
+        self._whole = None
+        if fortran_order or not shape:  # column-major rows are not contiguous: read whole, as np.load would
+            self._member.seek(0)
+            self._whole = npy_format.read_array(self._member, allow_pickle=False)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if self._whole is not None:
+            return self._whole[rows]
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("NpzMember supports contiguous row slices only")
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        count = max(stop - start, 0)
+        try:
+            self._member.seek(self._offset + start * row_bytes)
+            raw = self._member.read(count * row_bytes)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise InputError(f"cannot read calibration data {self._what}: {_first_line(exc)}; the file may be "
+                             "damaged or truncated") from exc
+        if len(raw) != count * row_bytes:
+            raise InputError(f"cannot read calibration data {self._what}: it ends after {len(raw)} of "
+                             f"{count * row_bytes} bytes at row {start}; the file is truncated or damaged")
+        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
+
+
+def _npz_members(path: Path) -> dict[str, Any]:
+    """An .npz archive's arrays by name, each read lazily (see NpzMember). The archive stays open
+    while the data source lives: batches are read from it during the analysis."""
+    archive = zipfile.ZipFile(path)
+    members: dict[str, Any] = {}
+    for info in archive.infolist():
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if info.filename.endswith(".npy"):
+            members[name] = NpzMember(archive, info, f"{path} (array {name!r})")
+        else:
+            members[name] = archive.read(info)  # not an array: reported as such by _from_mapping
+    return members
 
 
 def _checked(source: DataSource) -> DataSource:

@@ -42,14 +42,62 @@ def test_npy(arrays, tmp_path: Path) -> None:
     np.testing.assert_array_equal(xs.numpy(), x)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
 @pytest.mark.parametrize(("xkey", "ykey"), [("x", "y"), ("inputs", "labels")])
-def test_npz(xkey: str, ykey: str, arrays, tmp_path: Path) -> None:
+def test_npz(xkey: str, ykey: str, save, arrays, tmp_path: Path) -> None:
     x, y = arrays
-    np.savez(tmp_path / "d.npz", **{xkey: x, ykey: y})
-    batches, xs, ys = _collect(sources.from_path(tmp_path / "d.npz"), 3)
-    assert [b.size for b in batches] == [3, 3, 3, 1]
+    save(tmp_path / "d.npz", **{xkey: x, ykey: y})
+    source = sources.from_path(tmp_path / "d.npz")
+    for _ in range(2):  # a second pass (a run that starts over) reads the same rows again
+        batches, xs, ys = _collect(source, 3)
+        assert [b.size for b in batches] == [3, 3, 3, 1]
+        np.testing.assert_array_equal(xs.numpy(), x)
+        np.testing.assert_array_equal(ys.numpy(), y)
+    shard = list(source.batches(3, owns=lambda index: index % 2 == 1))  # a torchrun rank's batches
+    np.testing.assert_array_equal(torch.cat([b.inputs[0] for b in shard]).numpy(), np.concatenate([x[3:6], x[9:]]))
+
+
+def test_npz_fortran_order_and_big_endian(arrays, tmp_path: Path) -> None:
+    x, y = arrays
+    np.savez(tmp_path / "d.npz", x=np.asfortranarray(x), y=y.astype(">i8"))
+    _, xs, ys = _collect(sources.from_path(tmp_path / "d.npz"), 4)
     np.testing.assert_array_equal(xs.numpy(), x)
     np.testing.assert_array_equal(ys.numpy(), y)
+
+
+def test_npz_damaged_inside_the_data_is_one_clear_error(tmp_path: Path) -> None:
+    """The rows are read during the analysis: damage found there is still one line, exit 2."""
+    x = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32)
+    np.savez_compressed(tmp_path / "d.npz", x=x)
+    raw = bytearray((tmp_path / "d.npz").read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(64)  # corrupt the deflate stream well past the header
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    source = sources.from_path(tmp_path / "bad.npz")  # the header still reads
+    with pytest.raises(InputError, match=r"cannot read calibration data .*bad\.npz \(array 'x'\): .*damaged"):
+        _collect(source, 50)
+
+
+def test_a_compressed_npz_is_read_a_batch_at_a_time(tmp_path: Path, samples_dir: Path) -> None:
+    """200 MB of samples that compress to a few hundred KB: analysing 64 of them must not inflate
+    the rest into memory (np.load would, on first access)."""
+    np.savez_compressed(tmp_path / "big.npz", x=np.zeros((800_000, 64), np.float32))
+    np.savez_compressed(tmp_path / "small.npz", x=np.zeros((64, 64), np.float32))
+    assert (tmp_path / "big.npz").stat().st_size < 2_000_000
+    script = textwrap.dedent("""
+        import resource, sys
+        import reluscope
+        report = reluscope.analyze(sys.argv[1], sys.argv[2], arch=sys.argv[3], max_samples=64)
+        assert report.data["samples"] == 64
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    """)
+    peak = {}
+    for name in ("small", "big"):
+        out = subprocess.run([sys.executable, "-c", script, str(samples_dir / "digits_mlp.pt"),
+                              str(tmp_path / f"{name}.npz"), f"{samples_dir / 'architectures.py'}:digits_mlp"],
+                             capture_output=True, text=True, check=True, timeout=300)
+        peak[name] = int(out.stdout.split()[-1]) * 1024
+    assert peak["big"] - peak["small"] < 50 * 2**20, peak  # the whole array would add 205 MB
 
 
 def test_npz_labels_of_the_wrong_length(arrays, tmp_path: Path) -> None:
