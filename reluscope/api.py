@@ -195,7 +195,7 @@ def _measure_with_oom_retry(loaded: Any, run: _Run) -> dict[str, Any] | None:
         except ModelRunError as exc:
             if not isinstance(exc.__cause__, torch.cuda.OutOfMemoryError):
                 raise
-            if run.config.batch_size <= 1 or not run.source.replayable or run.world.active:
+            if run.config.batch_size <= 1 or not run.source.rebatchable or run.world.active:
                 raise ModelRunError(f"CUDA ran out of memory at batch size {run.config.batch_size}; pass a smaller "
                                     "--batch-size or --device cpu") from exc
             smaller = run.config.batch_size // 2

@@ -69,7 +69,13 @@ class DataSource:
 
     @property
     def replayable(self) -> bool:
-        """Whether the batches can be read a second time (an iterable may be a one-pass generator)."""
+        """Whether the batches can be read a second time: arrays, files and lists or tuples of
+        batches can; any other iterable may be a one-pass generator."""
+        return self.iterable is None or isinstance(self.iterable, (list, tuple))
+
+    @property
+    def rebatchable(self) -> bool:
+        """Whether the batch size is ours to choose (arrays and files; an iterable brings its own)."""
         return self.iterable is None
 
     def planned_samples(self, max_samples: int | None) -> int | None:

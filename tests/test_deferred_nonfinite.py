@@ -86,3 +86,13 @@ def test_deferred_update_raises_the_flag_without_masking() -> None:
     safe = stats.SiteStats(act, (4,), 0, torch.device("cpu"), defer_nonfinite=True, masked=True)
     safe.update(y)
     assert not bool(safe.poisoned) and int(safe.nonfinite) == 1
+
+
+def test_a_list_of_batches_is_read_again_like_an_array(deferred: None) -> None:
+    """A list can be iterated twice: it takes the fast route and is re-measured when poisoned,
+    as arrays are (only true one-pass iterables pay for NaN-safety on every batch)."""
+    x = _data(poisoned=True)
+    model = CountingModel()
+    report = reluscope.analyze(model, [x[i:i + 8] for i in range(0, 40, 8)])
+    assert model.calls == 10
+    assert _comparable(report) == _comparable(_reference(x))
