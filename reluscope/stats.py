@@ -42,13 +42,19 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
 
 
 @functools.cache
-def fused_module() -> Any:
-    """reluscope.triton_stats, or None where triton is not installed (CPU-only setups)."""
+def _import_fused() -> tuple[Any, str | None]:
     try:
         from . import triton_stats
     except ImportError:
-        return None
-    return triton_stats
+        return None, "the triton package is not installed"
+    except Exception as exc:  # noqa: BLE001 - a broken triton install raises more than ImportError
+        return None, f"the triton package failed to import ({type(exc).__name__}: {str(exc).strip()[:160]})"
+    return triton_stats, None
+
+
+def fused_module() -> Any:
+    """reluscope.triton_stats, or None where triton is missing or broken (CPU-only setups)."""
+    return _import_fused()[0]
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
@@ -56,10 +62,10 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     Triton request that cannot be met."""
     if kernel == "torch" or kernel == "auto" and torch.device(device).type != "cuda":
         return "torch"  # without importing triton (a second of start-up) where it cannot be used
-    fused = fused_module()
+    fused, import_error = _import_fused()
     usable = fused is not None and fused.usable_on(device)
     if kernel == "triton" and not usable:
-        why = "the triton package is not installed" if fused is None else f"it needs a CUDA device, not {device}"
+        why = import_error or f"it needs a CUDA device, not {device}"
         raise ValueError(f"the Triton statistics kernel cannot run here: {why}")
     return "triton" if usable else "torch"
 
