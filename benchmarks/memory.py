@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gradients", action="store_true")
     parser.add_argument("--model", choices=("resnet18-like", "resnet50"), default="resnet18-like",
                         help="resnet50 needs torchvision")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each configuration (median counts)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -76,16 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("cuda: skipped (no GPU)")
             return 0
-    results = []
-    for batches, bare in ((4, False), (32, False), (4, True)):
-        command = [sys.executable, __file__, "--child", str(batches), "--device", args.device, "--size",
-                   str(args.size), "--batch-size", str(args.batch_size), "--model", args.model]
-        command += (["--gradients"] if args.gradients else []) + (["--bare"] if bare else [])
-        results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+    configs = ((4, False), (32, False), (4, True))
+    # A process's peak RSS on the CPU varies by tens of MB between identical runs (allocator
+    # arenas, thread pools): each configuration runs --repeats times, interleaved, and the
+    # median peak counts.
+    peaks: dict[tuple[int, bool], list[dict[str, float]]] = {config: [] for config in configs}
+    for _ in range(args.repeats):
+        for batches, bare in configs:
+            command = [sys.executable, __file__, "--child", str(batches), "--device", args.device, "--size",
+                       str(args.size), "--batch-size", str(args.batch_size), "--model", args.model]
+            command += (["--gradients"] if args.gradients else []) + (["--bare"] if bare else [])
+            peaks[(batches, bare)].append(json.loads(subprocess.run(command, check=True, capture_output=True,
+                                                                    text=True).stdout))
+    results = [sorted(runs, key=lambda r: r["peak_bytes"])[len(runs) // 2] for runs in peaks.values()]
     what = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
-    for r, label in zip(results, ("analysis", "analysis", "bare forward")):
+    for r, label, runs in zip(results, ("analysis", "analysis", "bare forward"), peaks.values()):
+        spread = ", ".join(f"{run['peak_bytes'] / 2**20:.0f}" for run in runs)
         print(f"  {label:12s} {r['batches']:3d} batches ({r['samples']:5d} samples): {what} "
-              f"{r['peak_bytes'] / 2**20:8.1f} MiB")
+              f"{r['peak_bytes'] / 2**20:8.1f} MiB  (median of {spread})")
     ratio = results[1]["peak_bytes"] / results[0]["peak_bytes"]
     print(f"memory: peak(32 batches) / peak(4 batches) = {ratio:.3f}  (1.0 means no growth with batches)")
     held = results[0]["peak_bytes"] / results[2]["peak_bytes"]
