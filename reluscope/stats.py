@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +42,51 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
     return values.sum(dim=other, dtype=torch.float64)
 
 
+# Elements per chunk of the CPU route's elementwise temporaries (4 MB of float32): small enough
+# to stay in cache, large enough that the per-chunk Python cost is noise.
+CHUNK_ELEMENTS = 1 << 20
+_chunk_buffers = threading.local()
+
+
+def per_unit_sum_of(values: torch.Tensor, unit_dim: int | None,
+                    transform: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """per_unit_sum(transform(values)), where `transform(x, out)` is elementwise (sign, abs).
+
+    On the CPU the transformed tensor is never materialised whole: rows of the (outer, units,
+    inner) view go through one small, reused buffer. A whole activation-sized temporary is fresh
+    memory from the OS each time (page faults) and a round trip through DRAM; measured here on
+    ResNet activations at batch 16, sign() plus the per-unit sum took 19 ms whole and 3 ms in
+    chunks."""
+    large = values.device.type == "cpu" and values.numel() > 4 * CHUNK_ELEMENTS  # smaller ones stay in cache
+    grouped = _grouped(values, unit_dim) if large else None
+    if grouped is None:
+        return per_unit_sum(transform(values, None), unit_dim)
+    outer, units, inner = grouped.shape
+    rows = max(1, CHUNK_ELEMENTS // (units * inner))
+    buffers = _chunk_buffers.__dict__.setdefault("by_dtype", {})
+    needed = min(rows, outer) * units * inner
+    buffer = buffers.get(values.dtype)
+    if buffer is None or buffer.numel() < needed:
+        buffer = buffers[values.dtype] = torch.empty(needed, dtype=values.dtype)
+    total = torch.zeros(units, dtype=torch.float64)
+    for start in range(0, outer, rows):
+        part = grouped[start:start + rows]
+        done = transform(part, buffer[: part.numel()].view(part.shape))
+        total += (done[:, :, 0] if inner == 1 else done.sum(2)).sum(0, dtype=torch.float64)
+    return total
+
+
+def _grouped(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor | None:
+    """`values` as a contiguous (outer, units, inner) view, or None for other layouts."""
+    if unit_dim is None:
+        return values.view(-1, 1, 1) if values.is_contiguous() else None
+    units = values.shape[unit_dim]
+    if values.is_contiguous():
+        return values.view(math.prod(values.shape[:unit_dim]), units, -1)
+    moved = values.movedim(unit_dim, -1)  # channels_last tensors are contiguous this way round
+    return moved.view(-1, units, 1) if moved.is_contiguous() else None
+
+
 @functools.cache
 def _import_fused() -> tuple[Any, str | None]:
     try:
@@ -68,6 +114,18 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         why = import_error or f"it needs a CUDA device, not {device}"
         raise ValueError(f"the Triton statistics kernel cannot run here: {why}")
     return "triton" if usable else "torch"
+
+
+def _sign(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.sign(x, out=out)
+
+
+def _positive_sign(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.sign(x, out=out).clamp_(min=0)  # smooth activations: negative outputs are not active
+
+
+def _abs(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.abs(x, out=out)
 
 
 def defers_nonfinite(device: torch.device) -> bool:
@@ -176,17 +234,15 @@ class SiteStats:
             bsumsq = torch.linalg.vector_norm(clean) ** 2
 
         if self.activation.active_from_input and inp is not None:
-            positive = (inp.detach() > 0).to(clean.dtype)
+            active = per_unit_sum((inp.detach() > 0).to(clean.dtype), unit_dim)
         else:
             # sign() is 1 for active outputs and 0 for zeros: a counting pass that vectorizes
             # far better than count_nonzero over several axes. Negative outputs (smooth
-            # activations) are clipped to 0 in place.
-            positive = torch.sign(clean)
-            if not self.activation.hard_zero:
-                positive.clamp_(min=0)
-        self.active += per_unit_sum(positive, unit_dim).round().long()
+            # activations) are clipped to 0.
+            active = per_unit_sum_of(clean, unit_dim, _sign if self.activation.hard_zero else _positive_sign)
+        self.active += active.round().long()
         if self.abs_sum is not None:
-            self.abs_sum += per_unit_sum(clean.abs(), unit_dim)
+            self.abs_sum += per_unit_sum_of(clean, unit_dim, _abs)
         if self.activation.upper is not None:
             self.saturated += (clean >= self.activation.upper).sum()
         self.vmin = torch.minimum(self.vmin, bmin.float())

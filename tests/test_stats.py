@@ -172,3 +172,47 @@ def test_update_does_not_keep_the_tensor() -> None:
     y.fill_(-5.0)
     assert stats.to_host()["active"] == [0, 1, 1]
     assert stats.to_host()["min"] == 0.0
+
+
+# ----------------------------------------------------------------------------- chunked temporaries (CPU)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "linear", "tokens", "no unit axis"])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU route counts and sums |y| chunk by chunk through a reused buffer (large
+    activations only; the threshold is lowered here so small tensors take that path)."""
+    from reluscope import stats
+
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(stats, "_chunk_buffers", type(stats._chunk_buffers)())  # start without buffers
+    generator = torch.Generator().manual_seed(5)
+    y = torch.randn(9, 6, 5, 7, generator=generator)
+    y[:, 2] = 0.0  # a dead unit
+    unit_dim = {"nchw": 1, "channels_last": 1, "linear": 1, "tokens": 2, "no unit axis": None}[layout]
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "linear":
+        y = y.reshape(9, 210)
+    elif layout == "tokens":
+        y = y.reshape(9, 35, 6)
+    for transform in (stats._sign, stats._positive_sign, stats._abs):
+        got = stats.per_unit_sum_of(y, unit_dim, transform)
+        want = stats.per_unit_sum(transform(y, None), unit_dim)
+        if transform is stats._abs:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(got, want), transform.__name__  # counts: exact
+    assert stats.per_unit_sum_of(y, unit_dim, stats._positive_sign).min() >= 0
+
+
+def test_a_large_activation_is_counted_through_a_buffer_smaller_than_it() -> None:
+    from reluscope import stats
+
+    y = torch.randn(4, 8, 512, 512).relu_()  # 8M elements: above the chunking threshold
+    act = classify("relu")
+    chunked = SiteStats(act, tuple(y.shape[1:]), 0, torch.device("cpu"))
+    chunked.update(y)
+    counts = (y > 0).sum(dim=(0, 2, 3))
+    assert chunked.to_host()["active"] == counts.tolist()
+    buffer = stats._chunk_buffers.by_dtype[torch.float32]
+    assert buffer.numel() < y.numel() // 2
