@@ -53,7 +53,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     from . import data as data_sources
     from .capture.recorder import SiteRecorder
     from .distributed import World, init, shutdown, world_from_env
-    from .stats import defers_nonfinite
+    from .stats import defers_nonfinite, release_chunk_buffers
 
     started = time.perf_counter()
     loaded = _load(model, config)
@@ -80,6 +80,7 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
         gradient_flow = _measure_onnx(loaded, run) if onnx else _measure_torch_exactly(loaded, run)
     finally:
         shutdown(world)
+        release_chunk_buffers()
     if run.samples == 0:
         raise InputError(f"calibration data {source.description} yielded no samples; give at least one sample")
     if len(run.recorder) == 0:

@@ -76,6 +76,11 @@ def per_unit_sum_of(values: torch.Tensor, unit_dim: int | None,
     return total
 
 
+def release_chunk_buffers() -> None:
+    """Free this thread's chunk buffers (at the end of an analysis)."""
+    _chunk_buffers.__dict__.pop("by_dtype", None)
+
+
 def _grouped(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor | None:
     """`values` as a contiguous (outer, units, inner) view, or None for other layouts."""
     if unit_dim is None:

@@ -216,3 +216,5 @@ def test_a_large_activation_is_counted_through_a_buffer_smaller_than_it() -> Non
     assert chunked.to_host()["active"] == counts.tolist()
     buffer = stats._chunk_buffers.by_dtype[torch.float32]
     assert buffer.numel() < y.numel() // 2
+    reluscope.analyze(nn.Sequential(nn.ReLU()), y[:2], batch_size=2)
+    assert not hasattr(stats._chunk_buffers, "by_dtype")  # an analysis hands its buffers back
