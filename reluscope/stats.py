@@ -29,17 +29,16 @@ def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
     """
     if unit_dim is None:
         return values.sum(dtype=torch.float64).reshape(1)
-    units = values.shape[unit_dim]
-    if values.is_contiguous():
-        grouped = values.view(math.prod(values.shape[:unit_dim]), units, -1)
-        if grouped.shape[2] == 1:
-            return grouped[:, :, 0].sum(0, dtype=torch.float64)
-        return grouped.sum(2).sum(0, dtype=torch.float64)
-    moved = values.movedim(unit_dim, -1)  # channels_last tensors are contiguous this way round
-    if moved.is_contiguous():
-        return moved.reshape(-1, units).sum(0, dtype=torch.float64)
+    grouped = _grouped(values, unit_dim)
+    if grouped is not None:
+        return _sum_grouped(grouped)
     other = tuple(d for d in range(values.dim()) if d != unit_dim)
     return values.sum(dim=other, dtype=torch.float64)
+
+
+def _sum_grouped(grouped: torch.Tensor) -> torch.Tensor:
+    """Per-unit float64 sums of an (outer, units, inner) view, the contiguous inner axis first."""
+    return (grouped[:, :, 0] if grouped.shape[2] == 1 else grouped.sum(2)).sum(0, dtype=torch.float64)
 
 
 # Elements per chunk of the CPU route's elementwise temporaries (4 MB of float32): small enough
@@ -71,8 +70,7 @@ def per_unit_sum_of(values: torch.Tensor, unit_dim: int | None,
     total = torch.zeros(units, dtype=torch.float64)
     for start in range(0, outer, rows):
         part = grouped[start:start + rows]
-        done = transform(part, buffer[: part.numel()].view(part.shape))
-        total += (done[:, :, 0] if inner == 1 else done.sum(2)).sum(0, dtype=torch.float64)
+        total += _sum_grouped(transform(part, buffer[: part.numel()].view(part.shape)))
     return total
 
 
