@@ -245,15 +245,16 @@ def _human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _check_npy_header(handle: Any, size: int, what: str) -> None:
+def _check_npy_header(handle: Any, size: int, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """Refuse an .npy header that declares more data than the file holds, before numpy maps or
-    allocates it: a damaged or hostile header may claim terabytes."""
+    allocates it: a damaged or hostile header may claim terabytes. Returns (shape, fortran_order,
+    dtype), with `handle` left at the first data byte."""
     from numpy.lib import format as npy_format
 
     version = npy_format.read_magic(handle)
     # version 3.0 only allows utf-8 in field names; its header layout is 2.0's
     read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-    shape, _, dtype = read(handle)
+    shape, fortran_order, dtype = read(handle)
     if dtype.hasobject:
         raise InputError(f"refused to read calibration data {what}: it holds arrays of Python objects, and "
                          "unpickling them would run code from the file; save numeric arrays")
@@ -263,6 +264,7 @@ def _check_npy_header(handle: Any, size: int, what: str) -> None:
         raise InputError(f"calibration data {what} declares an array of shape {tuple(shape)} and dtype {dtype} "
                          f"({_human_bytes(claimed)}) but holds {_human_bytes(max(available, 0))} of data; the file "
                          "is truncated or damaged")
+    return tuple(shape), fortran_order, dtype
 
 
 class NpzMember:
@@ -276,17 +278,12 @@ class NpzMember:
     def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> None:
         from numpy.lib import format as npy_format
 
-        self._archive, self._info, self._what = archive, info, what
+        self._archive, self._what = archive, what  # the archive stays open while members are read
         self._member = archive.open(info)
-        _check_npy_header(self._member, info.file_size, what)  # refuses headers claiming more than the file holds
-        self._member.seek(0)
-        version = npy_format.read_magic(self._member)
-        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran_order, self.dtype = read(self._member)
-        self.shape = tuple(shape)
+        self.shape, fortran_order, self.dtype = _check_npy_header(self._member, info.file_size, what)
         self._offset = self._member.tell()
         self._whole = None
-        if fortran_order or not shape:  # column-major rows are not contiguous: read whole, as np.load would
+        if fortran_order or not self.shape:  # column-major rows are not contiguous: read whole, as np.load would
             self._member.seek(0)
             self._whole = npy_format.read_array(self._member, allow_pickle=False)
 
