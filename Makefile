@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch goes in first, pinned: where pip can find the CPU build (this project's machines have it in
+# a local wheel folder) it takes that; a bare `torch` requirement would pull the newest CUDA build.
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup demo test bench gpu-check clean
