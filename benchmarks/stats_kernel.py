@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from reluscope.sites import Activation
-from reluscope.stats import SiteStats
+from reluscope.measure.sites import Activation
+from reluscope.measure.stats import SiteStats
 
 # (channels, height, width) of the ReLU outputs of torchvision's ResNet-50 at 224x224, one per
 # distinct shape, with how many sites have it.
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("skipped: this benchmark times the CUDA kernel and no CUDA GPU is available here")
         return 0
-    from reluscope import triton_stats
+    from reluscope.backends.torch import triton_kernel as triton_stats
 
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .config import AnalyzeConfig
-from .errors import InputError, ModelRunError, ReluscopeError, UsageError
-from .inputs import error_line, expectation, input_caster
+from .errors import InputError, ModelRunError, ReluscopeError, UsageError, first_line as error_line
+from .backends.torch.inputs import expectation, input_caster
 from .report import Report, Thresholds, build_layer, build_summary
 
 SYNTHETIC_WARNING = ("no --data given: analysing synthetic normal inputs. Dead-unit and sparsity findings on random "
@@ -51,9 +51,9 @@ def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: i
 def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: ProgressCallback | None = None,
                  on_start: Callable[[int | None], None] | None = None) -> Report:
     from . import data as data_sources
-    from .capture.recorder import SiteRecorder
+    from .measure.recorder import SiteRecorder
     from .distributed import World, init, shutdown, world_from_env
-    from .stats import defers_nonfinite, release_chunk_buffers
+    from .measure.stats import defers_nonfinite, release_chunk_buffers
 
     started = time.perf_counter()
     loaded = _load(model, config)
@@ -149,7 +149,7 @@ class _Run:
 
 def _resolve_kernel(requested: str, device: Any) -> tuple[str, str | None]:
     """The statistics route ("triton" or "torch") and a warning when auto had to give up Triton."""
-    from .stats import fused_module, resolve_kernel
+    from .measure.stats import fused_module, resolve_kernel
 
     try:
         kernel = resolve_kernel(requested, device)
@@ -167,7 +167,7 @@ def _resolve_kernel(requested: str, device: Any) -> tuple[str, str | None]:
 def _load(model: Any, config: AnalyzeConfig) -> Any:
     import torch
 
-    from .loaders import LoadedModel, load_model
+    from .backends import LoadedModel, load_model
 
     if isinstance(model, (str, Path)):
         return load_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
@@ -209,7 +209,7 @@ def _measure_with_oom_retry(loaded: Any, run: _Run) -> dict[str, Any] | None:
 
 
 def _measure_onnx(loaded: Any, run: _Run) -> dict[str, Any] | None:
-    from .capture.onnx import OnnxCapture
+    from .backends.onnx.session import OnnxCapture
 
     capture = OnnxCapture(loaded.module, run.recorder, device=str(run.device), path=loaded.path)
     with capture:
@@ -226,7 +226,7 @@ def _measure_onnx(loaded: Any, run: _Run) -> dict[str, Any] | None:
 def _measure_torch(loaded: Any, run: _Run) -> dict[str, Any] | None:
     import torch
 
-    from .gradients import ParameterGradients, trainable
+    from .backends.torch.gradients import ParameterGradients, trainable
 
     gradients = run.config.gradients
     with prepared_module(loaded.module, run.device) as module:
@@ -343,10 +343,10 @@ def _torch_capture(loaded: Any, module: Any, recorder: Any) -> Any:
     import torch
 
     if isinstance(module, torch.jit.ScriptModule):
-        from .capture.torchscript import ScriptCapture
+        from .backends.torch.torchscript import ScriptCapture
 
         return ScriptCapture(module, recorder)
-    from .capture.torch import TorchCapture
+    from .backends.torch.capture import TorchCapture
 
     return TorchCapture(module, recorder, plan=loaded.export_plan)
 

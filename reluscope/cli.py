@@ -74,7 +74,7 @@ def _show_gates(gates: list[dict[str, Any]], *, on_stdout: bool, quiet: bool, ti
     """The gate table: with the payload when that is a table on stdout, else on stderr."""
     if not gates:
         return
-    from .render_gates import gate_table
+    from .present.gates import gate_table
 
     if on_stdout:
         Console().print(gate_table(gates, title=title))
@@ -94,7 +94,7 @@ def _gate_exit(gates: list[dict[str, Any]]) -> int:
 
 
 def _step_summary(markdown_text: str) -> None:
-    from .markdown import append_step_summary
+    from .present.markdown import append_step_summary
 
     problem = append_step_summary(markdown_text)
     if problem:
@@ -216,32 +216,32 @@ def analyze(
         if fmt is OutputFormat.json:
             emit(report.to_json(), output)
         elif fmt is OutputFormat.markdown:
-            from .markdown import report_markdown
+            from .present.markdown import report_markdown
 
             text = report_markdown(payload)
             emit(text, output)
             _step_summary(text)
         elif output is None:
-            from .render import print_table
+            from .present.table import print_table
 
             print_table(payload)
         else:
-            from .render import render_table
-            from .render import render_text
-            from .render_gates import gate_table
+            from .present.table import render_table
+            from .present.table import render_text
+            from .present.gates import gate_table
 
             text = render_table(payload)
             if report.gates:
                 text = text.rstrip("\n") + "\n" + render_text(gate_table(report.gates))
             emit(text, output)
         if output is not None and not quiet:
-            from .render import summary_text
+            from .present.table import summary_text
 
             err_console.print(summary_text(payload))
             err_console.print(f"report written to {output}", style="dim")
         _show_gates(report.gates, on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
         if opts["junit"] is not None:
-            from .junit import write_junit
+            from .present.junit import write_junit
 
             write_junit(opts["junit"], report.gates, properties={
                 "model": payload["model"].get("path"), "format": payload["model"].get("format"),
@@ -319,14 +319,14 @@ def diff_command(
 
             emit(json.dumps(document, indent=2, allow_nan=False), output)
         elif fmt is OutputFormat.markdown:
-            from .markdown import diff_markdown
+            from .present.markdown import diff_markdown
 
             text = diff_markdown(document)
             emit(text, output)
             _step_summary(text)
         else:
-            from .render import render_text
-            from .render_gates import diff_renderable, gate_table
+            from .present.table import render_text
+            from .present.gates import diff_renderable, gate_table
 
             if output is None:
                 Console().print(diff_renderable(document))
@@ -335,7 +335,7 @@ def diff_command(
                 emit(render_text(*parts), output)
         _show_gates(document["gates"], on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
         if opts["junit"] is not None:
-            from .junit import write_junit
+            from .present.junit import write_junit
 
             write_junit(opts["junit"], document["gates"], classname="reluscope.diff",
                         properties={"base": str(base), "new": str(new)})

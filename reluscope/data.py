@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, UsageError
-from .loaders import check_readable_file, unpickling_refused
+from .errors import InputError, UsageError, first_line
+from .files import check_readable_file, unpickling_refused
 
 INPUT_KEYS = ("x", "inputs", "input", "data")
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -225,16 +225,10 @@ def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSo
         if "allow_pickle" in str(exc):  # numpy refused an object array: not damage, a pickle
             raise InputError(f"refused to read calibration data {path}: it holds arrays of Python objects, and "
                              "unpickling them would run code from the file; save numeric arrays") from exc
-        raise InputError(f"cannot read calibration data {path}: {_first_line(exc)}; the file may be damaged or "
+        raise InputError(f"cannot read calibration data {path}: {first_line(exc, first_sentence=True)}; the file may be damaged or "
                          "truncated") from exc
     raise InputError(f"calibration data {path} is not .npy, .npz, a torch.save file or a folder of images")
 
-
-def _first_line(exc: BaseException) -> str:
-    """The gist of a library's error: its first sentence (numpy and torch append advice)."""
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # str(KeyError) is a repr
-    lines = text.strip().splitlines()
-    return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(exc).__name__
 
 
 def _human_bytes(count: int) -> str:
@@ -306,7 +300,7 @@ class NpzMember:
             self._member.seek(self._offset + start * row_bytes)
             raw = self._member.read(count * row_bytes)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"cannot read calibration data {self._what}: {_first_line(exc)}; the file may be "
+            raise InputError(f"cannot read calibration data {self._what}: {first_line(exc, first_sentence=True)}; the file may be "
                              "damaged or truncated") from exc
         if len(raw) != count * row_bytes:
             raise InputError(f"cannot read calibration data {self._what}: it ends after {len(raw)} of "

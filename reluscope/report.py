@@ -11,19 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .measure.sites import SiteInfo
+
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """Where a site is and how its units are laid out."""
-
-    name: str
-    op: str
-    shape: tuple[int, ...]
-    unit_axis: int
-    tensor: str | None = None  # ONNX: the output tensor's name
-    module: str | None = None  # ONNX: the PyTorch site name, when the exporter recorded it
 
 
 @dataclass(frozen=True)

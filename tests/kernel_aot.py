@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reluscope import triton_stats  # noqa: E402
+from reluscope.backends.torch import triton_kernel as triton_stats  # noqa: E402
 
 POINTERS = {"x_ptr": None, "active_ptr": "*i64", "abs_ptr": "*fp64", "saturated_ptr": "*i64",
             "nonfinite_ptr": "*i64", "min_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp64", "sumsq_ptr": "*fp64"}

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import reluscope
-from reluscope import stats
-from reluscope.sites import classify
+from reluscope.measure import stats
+from reluscope.measure.sites import classify
 
 
 class CountingModel(nn.Module):

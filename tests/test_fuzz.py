@@ -36,7 +36,8 @@ import reluscope
 from reluscope import data as sources
 from reluscope.cli import app
 from reluscope.errors import InputError
-from reluscope.report import SiteInfo, Thresholds, build_layer, build_summary
+from reluscope.measure.sites import SiteInfo
+from reluscope.report import Thresholds, build_layer, build_summary
 
 from conftest import ARCHITECTURES, CALIB, SAMPLES
 

@@ -189,7 +189,7 @@ def test_markdown_format_and_step_summary(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_markdown_caps_rows() -> None:
-    from reluscope.markdown import report_markdown
+    from reluscope.present.markdown import report_markdown
 
     layer = {"name": "", "op": "relu", "units": 4, "zero_fraction": 0.5, "dead_units": [], "dead_fraction": 0.0,
              "rarely_active_units": [], "min": 0.0, "max": 1.0, "saturated_fraction": None}

@@ -720,7 +720,7 @@ def test_concurrent_export_loads_never_lift_the_weights_only_switch(tmp_path: Pa
     torch.export.load itself fails when two run at once)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from reluscope.loaders import load_model
+    from reluscope.backends import load_model
 
     payload = tmp_path / "payload.pt2"
     pt2_with_pickled_weight(SAMPLES / "digits_mlp.pt2", payload, tmp_path / MARKER)
@@ -743,7 +743,7 @@ def test_concurrent_export_loads_never_lift_the_weights_only_switch(tmp_path: Pa
 def test_trusted_export_loads_from_several_threads() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from reluscope.loaders import load_model
+    from reluscope.backends import load_model
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         loaded = list(pool.map(lambda _: load_model(SAMPLES / "digits_cnn.pt2", trust_checkpoint=True), range(8)))

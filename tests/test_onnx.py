@@ -254,7 +254,7 @@ def test_models_past_protobufs_limit_keep_their_weights_on_disk(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Over 2 GB the graph is serialized without weights and onnxruntime reads them from the model's folder;
     the limit is lowered here so that a small model takes that route."""
-    import reluscope.capture.onnx as capture
+    import reluscope.backends.onnx.session as capture
 
     model = old_style_model()
     path = tmp_path / "external.onnx"
@@ -269,8 +269,8 @@ def test_memory_does_not_grow_with_the_number_of_batches(zoo: tuple[nn.Module, P
     """Each batch is reduced and dropped (onnxruntime's calibrator keeps every batch's outputs)."""
     import tracemalloc
 
-    from reluscope.capture.onnx import OnnxCapture
-    from reluscope.capture.recorder import SiteRecorder
+    from reluscope.backends.onnx.session import OnnxCapture
+    from reluscope.measure.recorder import SiteRecorder
 
     _, path, x = zoo
 
@@ -491,8 +491,8 @@ def test_inputs_are_cast_to_the_graphs_dtype_with_a_warning(zoo: tuple[nn.Module
 def test_cuda_without_onnxruntime_gpu_is_a_usage_error(zoo: tuple[nn.Module, Path, torch.Tensor]) -> None:
     import onnxruntime as ort
 
-    from reluscope.capture.onnx import OnnxCapture
-    from reluscope.capture.recorder import SiteRecorder
+    from reluscope.backends.onnx.session import OnnxCapture
+    from reluscope.measure.recorder import SiteRecorder
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")

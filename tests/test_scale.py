@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import reluscope
-from reluscope import histogram
+from reluscope.measure import histogram
 from conftest import CALIB, SAMPLES
 
 

@@ -40,7 +40,7 @@ CASES = {
 def _has_onnx_loader() -> bool:
     """The ONNX path (loader + capture) is present in this checkout."""
     try:
-        return all(importlib.util.find_spec(m) is not None for m in ("reluscope.loaders.onnx", "reluscope.capture.onnx"))
+        return all(importlib.util.find_spec(m) is not None for m in ("reluscope.backends.onnx.graph", "reluscope.backends.onnx.session"))
     except ImportError:
         return False
 

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import reluscope
-from reluscope.report import SiteInfo, Thresholds, build_layer
-from reluscope.sites import classify
-from reluscope.stats import SiteStats
+from reluscope.measure.sites import SiteInfo
+from reluscope.report import Thresholds, build_layer
+from reluscope.measure.sites import classify
+from reluscope.measure.stats import SiteStats
 
 ACTIVATIONS = {
     "relu": classify("relu"),
@@ -181,7 +182,7 @@ def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU route counts and sums |y| chunk by chunk through a reused buffer (large
     activations only; the threshold is lowered here so small tensors take that path)."""
-    from reluscope import stats
+    from reluscope.measure import stats
 
     monkeypatch.setattr(stats, "CHUNK_ELEMENTS", chunk)
     monkeypatch.setattr(stats, "_chunk_buffers", type(stats._chunk_buffers)())  # start without buffers
@@ -206,7 +207,7 @@ def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int,
 
 
 def test_a_large_activation_is_counted_through_a_buffer_smaller_than_it() -> None:
-    from reluscope import stats
+    from reluscope.measure import stats
 
     y = torch.randn(4, 8, 512, 512).relu_()  # 8M elements: above the chunking threshold
     act = classify("relu")

@@ -24,8 +24,8 @@ from conftest import arch_spec
 from typer.testing import CliRunner
 
 from reluscope.cli import app
-from reluscope.sites import Activation
-from reluscope.stats import SiteStats
+from reluscope.measure.sites import Activation
+from reluscope.measure.stats import SiteStats
 
 pytest.importorskip("triton")
 
@@ -37,10 +37,10 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 def kernel() -> ModuleType:
     """reluscope.triton_stats: compiled for the GPU, or interpreted (conftest.py sets
     TRITON_INTERPRET=1 before anything imports triton when there is no GPU)."""
-    import reluscope.triton_stats
+    import reluscope.backends.torch.triton_kernel
 
-    assert CUDA or reluscope.triton_stats.INTERPRETED
-    return reluscope.triton_stats
+    assert CUDA or reluscope.backends.torch.triton_kernel.INTERPRETED
+    return reluscope.backends.torch.triton_kernel
 
 
 RELU = Activation("relu", hard_zero=True)

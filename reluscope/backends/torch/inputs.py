@@ -4,24 +4,10 @@ cast for calibration data, and the hints and error lines of shape mismatches."""
 from __future__ import annotations
 
 import math
-import re
+
 from typing import Any, Callable
 
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): (.+)$")
 
-
-def error_line(exc: BaseException) -> str:
-    """The line of a model's error that says what went wrong, without a trailing full stop.
-
-    TorchScript's message starts with a banner ("The following operation failed in the
-    TorchScript interpreter.") and its own traceback; the original error is the last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[0]
-    if len(lines) > 1 and "TorchScript" in line:
-        line = next((m.group(2) for m in map(_ERROR_LINE.match, reversed(lines)) if m), line)
-    return line.rstrip(".")
 
 
 def _first_layer(module: Any) -> tuple[str, str, Any] | None:

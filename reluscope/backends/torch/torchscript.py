@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from .. import sites as table
-from ..errors import InputError
-from .recorder import CHANNEL, LAST, SiteRecorder
+from ...errors import InputError
+from ...measure import sites as table
+from ...measure.recorder import SiteRecorder
+from ...measure.sites import CHANNEL, LAST
 
 _HIERARCHY_PART = re.compile(r"([^.()]*)\(([^)]*)\)")
 

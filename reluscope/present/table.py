@@ -108,7 +108,7 @@ def summary_text(report: dict[str, Any]) -> Text:
 def table_renderable(report: dict[str, Any]) -> Group:
     parts: list[Any] = [layers_table(report), summary_text(report)]
     if report.get("gradient_flow") is not None:
-        from .render_gradients import gradient_renderable
+        from .gradients import gradient_renderable
 
         parts.append(gradient_renderable(report["gradient_flow"]))
     return Group(*parts)

@@ -16,8 +16,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .. import sites as table
-from .recorder import CHANNEL, LAST, SiteRecorder
+from ...measure import sites as table
+from ...measure.recorder import SiteRecorder
+from ...measure.sites import CHANNEL, LAST
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = tuple(getattr(nn, name) for name in table.ACTIVATION_MODULE_NAMES)
 

@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsafeCheckpointError, UsageError
-from . import LoadedModel, unpickling_refused
+from ...errors import InputError, UnsafeCheckpointError, UsageError, first_line
+from .. import LoadedModel
+from ...files import unpickling_refused
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
@@ -35,17 +36,10 @@ def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: boo
     return _load_checkpoint(path, arch=arch, trust_checkpoint=trust_checkpoint)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    if len(line) > 160 and ". " in line:  # torch appends paragraphs of advice: keep the first sentence
-        line = line.split(". ", 1)[0]
-    return line
-
 
 def _damage(exc: BaseException) -> str:
     """What a reader said about a damaged file (str(KeyError('36')) alone would read '36')."""
-    detail = f"no record {exc.args[0]!r} in it" if isinstance(exc, KeyError) and exc.args else _first_line(exc)
+    detail = f"no record {exc.args[0]!r} in it" if isinstance(exc, KeyError) and exc.args else first_line(exc)
     return detail.rstrip(".:")
 
 
@@ -63,7 +57,7 @@ _UNSAFE_REFUSAL = ("refused to load {path}: it holds pickled Python objects beyo
 
 
 def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
-    from ..capture.torch import export_site_plan
+    from .capture import export_site_plan
 
     # torch.export.load unpickles parts of the archive with weights_only=False: weights and tensor
     # constants marked use_pickle, a fallback for sample inputs, and pickle.loads for "opaque"
@@ -81,7 +75,7 @@ def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
             raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (in a torch.export archive)")) from exc
         # torch.export.load logs the real error ("check the warnings above") and raises a generic one
         cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), exc)
-        detail = _first_line(cause).rstrip(".")
+        detail = first_line(cause).rstrip(".")
         raise InputError(f"cannot load torch.export archive {path}: {detail}; re-export the model") from cause
     return LoadedModel(module, "torch-export", export_plan=export_site_plan(module))
 
@@ -199,7 +193,7 @@ def _load_trusted(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot unpickle {path} even with --trust-checkpoint: {_first_line(exc)} "
+        raise InputError(f"cannot unpickle {path} even with --trust-checkpoint: {first_line(exc)} "
                          "(is the module that defines the model's class importable?)") from exc
 
 
@@ -223,7 +217,7 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise InputError(f"the weights in {path} do not fit the --arch model ({detail}): "
                          "check that --arch builds the same architecture") from exc
     problems = []
@@ -258,12 +252,12 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
             spec_obj.loader.exec_module(module)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code; sys.exit() there must not end reluscope
             sys.modules.pop(module_name, None)
-            raise UsageError(f"importing --arch file {file} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise UsageError(f"importing --arch file {file} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except (Exception, SystemExit) as exc:  # noqa: BLE001
-            raise UsageError(f"cannot import --arch module {target!r}: {_first_line(exc)}") from exc
+            raise UsageError(f"cannot import --arch module {target!r}: {first_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -276,7 +270,7 @@ def build_from_factory(spec: str) -> nn.Module:
     try:
         model = factory()
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code; a sys.exit(1) would read as "gate failed"
-        raise UsageError(f"--arch factory {spec} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise UsageError(f"--arch factory {spec} raised {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

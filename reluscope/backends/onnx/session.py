@@ -32,10 +32,11 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import InputError, UsageError
-from ..loaders.onnx import OnnxSite, default_opset, find_sites, inline_functions, true_inputs
-from ..stats import SiteStats
-from .recorder import SiteRecorder, resolve_unit_axis
+from ...errors import InputError, UsageError, first_line
+from ...measure.recorder import SiteRecorder
+from ...measure.sites import resolve_unit_axis
+from ...measure.stats import SiteStats
+from .graph import OnnxSite, default_opset, find_sites, inline_functions, true_inputs
 
 # ORT_ENABLE_ALL: what deployed sessions run, and the fastest level measured here (its NCHWc
 # convolutions ran a ResNet-style CNN ~1.8x faster than ORT_DISABLE_ALL or ORT_ENABLE_BASIC).
@@ -255,8 +256,7 @@ class OnnxCapture:
             self._session = ort.InferenceSession(self._model.SerializeToString(), options,
                                                  providers=self._providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every load failure
-            lines = str(exc).strip().splitlines()
-            raise InputError(f"onnxruntime cannot load the model: {lines[0] if lines else type(exc).__name__}; "
+            raise InputError(f"onnxruntime cannot load the model: {first_line(exc)}; "
                              "check that the installed onnxruntime supports its opset and operators") from exc
         self._model = None  # the session holds the weights now
         return self

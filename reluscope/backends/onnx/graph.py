@@ -19,10 +19,9 @@ import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from ..capture.recorder import CHANNEL, LAST
-from ..errors import InputError
-from ..sites import Activation
-from . import LoadedModel
+from .. import LoadedModel
+from ...errors import InputError, first_line
+from ...measure.sites import CHANNEL, LAST, Activation
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLT_MAX = 3.4028234e38
@@ -77,10 +76,6 @@ class OnnxSite:
     module: str | None = None  # the PyTorch site name, from the exporter's metadata (see torch_site_names)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(exc).__name__  # messages go on after it
-
 
 def load_onnx(path: Path) -> LoadedModel:
     """Load an ONNX file with its external weights (from the file's folder) and validate it."""
@@ -90,16 +85,16 @@ def load_onnx(path: Path) -> LoadedModel:
         raise InputError(f"{path} is not an ONNX model (its bytes do not parse as one, the file may be truncated "
                          "or of another format); re-export or re-copy the model") from exc
     except onnx.checker.ValidationError as exc:  # raised for missing or unreadable external data
-        raise InputError(f"cannot read the external weights of ONNX model {path}: {_first_line(exc)}; keep the "
+        raise InputError(f"cannot read the external weights of ONNX model {path}: {first_line(exc)}; keep the "
                          "model's data file(s) next to it") from exc
     except OSError as exc:
-        raise InputError(f"cannot read ONNX model {path}: {exc.strerror or _first_line(exc)}") from exc
+        raise InputError(f"cannot read ONNX model {path}: {exc.strerror or first_line(exc)}") from exc
     try:
         # From the path: the check then also covers external data, and never serializes the model (which
         # fails past protobuf's 2 GB limit and costs more than the checker's own read of the file)
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, DecodeError) as exc:
-        raise InputError(f"{path} is not a valid ONNX model: {_first_line(exc)}; re-export it") from exc
+        raise InputError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from exc
     if not model.graph.node:
         raise InputError(f"{path} is not a usable ONNX model: its graph has no nodes; re-export it")
     return LoadedModel(model, "onnx")
@@ -351,7 +346,7 @@ def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str
     are what relate the two reports."""
     import ast
 
-    from ..sites import functional_site_name, is_activation_module
+    from ...measure.sites import functional_site_name, is_activation_module
 
     bases: list[str | None] = []
     for node, act in nodes:

@@ -12,15 +12,9 @@ from typing import Any
 
 import torch
 
-from ..gradients import SiteGradStats
-from ..report import SiteInfo
-from ..sites import Activation
-from ..stats import SiteStats
+from .sites import Activation, SiteInfo, resolve_unit_axis
+from .stats import SiteGradStats, SiteStats
 
-# How a producing layer lays out units: "channel" (axis 1 of a batch, conv outputs) or
-# "last" (linear/matmul outputs).
-CHANNEL = "channel"
-LAST = "last"
 
 
 @dataclass
@@ -32,28 +26,6 @@ class _Site:
     tensor: str | None
     grad: SiteGradStats | None = None
     module: str | None = None
-
-
-def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None) -> int:
-    """Per-sample unit axis from the producer's layout, an explicit override, or the tensor rank."""
-    if sample_ndim == 0:
-        return 0
-    if override is not None:
-        axis = override if override >= 0 else sample_ndim + override
-        if not 0 <= axis < sample_ndim:
-            from ..errors import UsageError
-
-            raise UsageError(
-                f"--unit-axis {override} is out of range for a site whose per-sample shape has {sample_ndim} axes"
-            )
-        return axis
-    if layout == CHANNEL:
-        return 0
-    if layout == LAST:
-        return sample_ndim - 1
-    # No producer seen (e.g. an activation on a model input): channel-first for image-like
-    # ranks (C,H,W / C,D,H,W), the last axis otherwise.
-    return 0 if sample_ndim >= 3 else sample_ndim - 1
 
 
 class SiteRecorder:

@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .gate import describe, format_value
-from .output import write_atomic
+from ..gate import describe, format_value
+from ..output import write_atomic
 
 
 def junit_xml(gates: Iterable[Mapping[str, Any]], *, suite: str = "reluscope", classname: str = "reluscope.gates",

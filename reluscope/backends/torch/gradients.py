@@ -16,47 +16,11 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import UsageError
+from ...errors import UsageError
 
 LOSSES = ("cross-entropy", "predicted-class", "half-squared-norm")
 VANISHING_RATIO = 1e-3
 EXPLODING_RATIO = 1e3
-
-
-@dataclass
-class SiteGradStats:
-    """RMS and exact-zero share of the gradient with respect to one site's output."""
-
-    sumsq: torch.Tensor
-    zeros: torch.Tensor
-    count: int = 0
-
-    @classmethod
-    def on(cls, device: torch.device) -> "SiteGradStats":
-        return cls(torch.zeros((), dtype=torch.float64, device=device),
-                   torch.zeros((), dtype=torch.int64, device=device))
-
-    @torch.no_grad()
-    def update(self, grad: torch.Tensor | None) -> None:
-        if grad is None:  # no gradient reached this output from outside (TorchScript's extra outputs)
-            return
-        g = grad.detach()
-        self.sumsq += torch.linalg.vector_norm(g.float()).double() ** 2
-        self.zeros += (g == 0).sum()
-        self.count += g.numel()
-
-    def all_reduce(self) -> None:
-        from .distributed import all_reduce, all_reduce_int
-
-        all_reduce(self.sumsq, "sum")
-        all_reduce(self.zeros, "sum")
-        self.count = all_reduce_int(self.count, self.sumsq.device)
-
-    def to_dict(self) -> dict[str, Any]:
-        if not self.count:
-            return {"rms": None, "zero_fraction": None}
-        rms = math.sqrt(float(self.sumsq.item()) / self.count)
-        return {"rms": rms if math.isfinite(rms) else None, "zero_fraction": int(self.zeros.item()) / self.count}
 
 
 def choose_loss(requested: str | None, output: torch.Tensor, labels: torch.Tensor | None) -> str:
@@ -134,7 +98,7 @@ class ParameterGradients:
         self.batches += 1
 
     def all_reduce(self) -> None:
-        from .distributed import all_reduce, all_reduce_int
+        from ...distributed import all_reduce, all_reduce_int
 
         all_reduce(self.sumsq, "sum")
         all_reduce(self.nonfinite, "sum")

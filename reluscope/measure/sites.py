@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -151,3 +153,41 @@ def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | No
     if base in _SMOOTH:
         return Activation(base, hard_zero=False, inplace=inplace)
     return None
+
+
+# How a producing layer lays out units: "channel" (axis 1 of a batch, conv outputs) or
+# "last" (linear/matmul outputs).
+CHANNEL = "channel"
+LAST = "last"
+
+
+def resolve_unit_axis(sample_ndim: int, layout: str | None, override: int | None) -> int:
+    """Per-sample unit axis from the producer's layout, an explicit override, or the tensor rank."""
+    if sample_ndim == 0:
+        return 0
+    if override is not None:
+        axis = override if override >= 0 else sample_ndim + override
+        if not 0 <= axis < sample_ndim:
+            raise UsageError(
+                f"--unit-axis {override} is out of range for a site whose per-sample shape has {sample_ndim} axes"
+            )
+        return axis
+    if layout == CHANNEL:
+        return 0
+    if layout == LAST:
+        return sample_ndim - 1
+    # No producer seen (e.g. an activation on a model input): channel-first for image-like
+    # ranks (C,H,W / C,D,H,W), the last axis otherwise.
+    return 0 if sample_ndim >= 3 else sample_ndim - 1
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Where a site is and how its units are laid out."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    unit_axis: int
+    tensor: str | None = None  # ONNX: the output tensor's name
+    module: str | None = None  # ONNX: the PyTorch site name, when the exporter recorded it

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .gate import format_value
+from ..gate import format_value
 
 MAX_OFFENDERS = 6
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .gate import format_value
+from ..gate import format_value
 
 MAX_ROWS = 50
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"

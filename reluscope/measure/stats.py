@@ -93,7 +93,7 @@ def _grouped(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor | None:
 @functools.cache
 def _import_fused() -> tuple[Any, str | None]:
     try:
-        from . import triton_stats
+        from ..backends.torch import triton_kernel as triton_stats
     except ImportError:
         return None, "the triton package is not installed"
     except Exception as exc:  # noqa: BLE001 - a broken triton install raises more than ImportError
@@ -294,7 +294,7 @@ class SiteStats:
 
     def all_reduce(self) -> None:
         """Merge this site's accumulators across torch.distributed ranks (same merge operators)."""
-        from .distributed import all_reduce, all_reduce_int
+        from ..distributed import all_reduce, all_reduce_int
 
         for tensor in (self.active, self.saturated, self.nonfinite, self.vsum, self.vsumsq):
             all_reduce(tensor, "sum")
@@ -325,3 +325,39 @@ class SiteStats:
             "percentiles": None if self.hist is None else
             histogram.percentiles(self.hist.cpu().tolist(), signed=not self.activation.hard_zero),
         }
+
+
+@dataclass
+class SiteGradStats:
+    """RMS and exact-zero share of the gradient with respect to one site's output."""
+
+    sumsq: torch.Tensor
+    zeros: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def on(cls, device: torch.device) -> "SiteGradStats":
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor | None) -> None:
+        if grad is None:  # no gradient reached this output from outside (TorchScript's extra outputs)
+            return
+        g = grad.detach()
+        self.sumsq += torch.linalg.vector_norm(g.float()).double() ** 2
+        self.zeros += (g == 0).sum()
+        self.count += g.numel()
+
+    def all_reduce(self) -> None:
+        from ..distributed import all_reduce, all_reduce_int
+
+        all_reduce(self.sumsq, "sum")
+        all_reduce(self.zeros, "sum")
+        self.count = all_reduce_int(self.count, self.sumsq.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.count:
+            return {"rms": None, "zero_fraction": None}
+        rms = math.sqrt(float(self.sumsq.item()) / self.count)
+        return {"rms": rms if math.isfinite(rms) else None, "zero_fraction": int(self.zeros.item()) / self.count}

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:
-    from .stats import SiteStats
+    from ...measure.stats import SiteStats
 
 # Elements per tile: 1024 per program and step (8 per thread at 4 warps), the usual size for
 # a bandwidth-bound reduction. Chosen from first principles, not yet tuned on hardware.
@@ -216,7 +216,7 @@ def self_check(device: torch.device) -> str | None:
     and compare it with the PyTorch route: None when they agree, else one line saying what went
     wrong. A GPU the kernel cannot compile for, or a compiler that miscompiles it, then costs a
     warning and the PyTorch route instead of a crash or wrong numbers. Cached per device."""
-    from .sites import Activation
+    from ...measure.sites import Activation
 
     generator = torch.Generator().manual_seed(0)
     maps = (4 * torch.randn(3, 5, 6, 7, generator=generator)).clamp(-1, 6)  # units on axis 1 of NCHW
@@ -231,14 +231,15 @@ def self_check(device: torch.device) -> str | None:
             if wrong:
                 return f"the Triton statistics kernel disagreed with PyTorch on {device} ({', '.join(wrong)})"
     except Exception as exc:  # noqa: BLE001 - any failure to compile or launch means "not usable here"
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"the Triton statistics kernel failed on {device}: {type(exc).__name__}: {first_line[:200]}"
+        from ...errors import first_line
+
+        return f"the Triton statistics kernel failed on {device}: {type(exc).__name__}: {first_line(exc)[:200]}"
     return None
 
 
 def _disagreements(activation: Any, y: torch.Tensor) -> list[str]:
     """Statistics of one batch where the kernel and the NaN-safe PyTorch route differ."""
-    from .stats import SiteStats
+    from ...measure.stats import SiteStats
 
     fused = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch")
     reference = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch", masked=True)

@@ -1,1 +1,0 @@
-"""Capture routes: each one feeds (site, tensor) pairs into a SiteRecorder."""
