@@ -3,7 +3,7 @@
 For each activation shape of a ResNet-50 at batch 128 (fp32, NCHW), times
   read    `x.sum()`: one pass over the tensor, the floor any statistics pass can reach
   triton  `triton_stats.accumulate` (one launch, everything SiteStats keeps)
-  torch   `SiteStats._update_torch` (the plain PyTorch reductions)
+  torch   `TorchReduction.update` (the plain PyTorch reductions, deferred NaN check as on CUDA)
 and prints each as GB/s and as a ratio to the read. CUDA only: on the CPU the kernel would
 run in Triton's interpreter, which says nothing about speed (benchmarks/overhead.py covers the
 CPU end to end).
@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from reluscope.measure.sites import Activation
+from reluscope.measure.reductions import NonfinitePolicy, TorchReduction
 from reluscope.measure.stats import SiteStats
 
 # (channels, height, width) of the ReLU outputs of torchvision's ResNet-50 at 224x224, one per
@@ -64,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     totals = {"read": 0.0, "triton": 0.0, "torch": 0.0}
     for (channels, height, width), sites in RESNET50_SITES:
         x = torch.randn(args.batch, channels, height, width, device=device, dtype=dtype).relu_()
-        stats = SiteStats(relu, tuple(x.shape[1:]), 0, device, kernel="triton")
+        stats = SiteStats(relu, tuple(x.shape[1:]), 0, device)
+        torch_route = TorchReduction(NonfinitePolicy.DEFER)
         ms = {
             "read": cuda_ms(lambda: x.sum()),
             "triton": cuda_ms(lambda: triton_stats.accumulate(stats, x, 1)),
-            "torch": cuda_ms(lambda: stats._update_torch(x.float(), None, 1)),
+            "torch": cuda_ms(lambda: torch_route.update(stats, x.float(), None, 1)),
         }
         for key in totals:
             totals[key] += ms[key] * sites

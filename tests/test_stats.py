@@ -178,14 +178,12 @@ def test_update_does_not_keep_the_tensor() -> None:
 # ----------------------------------------------------------------------------- chunked temporaries (CPU)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "linear", "tokens", "no unit axis"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
-def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int) -> None:
     """The CPU route counts and sums |y| chunk by chunk through a reused buffer (large
     activations only; the threshold is lowered here so small tensors take that path)."""
-    from reluscope.measure import stats
+    from reluscope.measure import reductions as stats
 
-    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", chunk)
-    monkeypatch.setattr(stats, "_chunk_buffers", type(stats._chunk_buffers)())  # start without buffers
+    buffers = stats.ChunkBuffers(chunk_elements=chunk, chunked_above=0)
     generator = torch.Generator().manual_seed(5)
     y = torch.randn(9, 6, 5, 7, generator=generator)
     y[:, 2] = 0.0  # a dead unit
@@ -196,26 +194,89 @@ def test_chunked_per_unit_sums_equal_whole_tensor_sums(layout: str, chunk: int,
         y = y.reshape(9, 210)
     elif layout == "tokens":
         y = y.reshape(9, 35, 6)
-    for transform in (stats._sign, stats._positive_sign, stats._abs):
-        got = stats.per_unit_sum_of(y, unit_dim, transform)
+    for transform in (stats.sign, stats.positive_sign, stats.absolute):
+        got = buffers.per_unit_sum_of(y, unit_dim, transform)
         want = stats.per_unit_sum(transform(y, None), unit_dim)
-        if transform is stats._abs:
+        if transform is stats.absolute:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         else:
             assert torch.equal(got, want), transform.__name__  # counts: exact
-    assert stats.per_unit_sum_of(y, unit_dim, stats._positive_sign).min() >= 0
+    assert buffers.per_unit_sum_of(y, unit_dim, stats.positive_sign).min() >= 0
 
 
 def test_a_large_activation_is_counted_through_a_buffer_smaller_than_it() -> None:
-    from reluscope.measure import stats
+    import gc
+
+    from reluscope.measure.reductions import ChunkBuffers, TorchReduction
 
     y = torch.randn(4, 8, 512, 512).relu_()  # 8M elements: above the chunking threshold
     act = classify("relu")
-    chunked = SiteStats(act, tuple(y.shape[1:]), 0, torch.device("cpu"))
+    route = TorchReduction()
+    chunked = SiteStats(act, tuple(y.shape[1:]), 0, torch.device("cpu"), reduction=route)
     chunked.update(y)
     counts = (y > 0).sum(dim=(0, 2, 3))
     assert chunked.to_host()["active"] == counts.tolist()
-    buffer = stats._chunk_buffers.by_dtype[torch.float32]
+    buffer = route.buffers.by_dtype[torch.float32]
     assert buffer.numel() < y.numel() // 2
+    del route, chunked, buffer
     reluscope.analyze(nn.Sequential(nn.ReLU()), y[:2], batch_size=2)
-    assert not hasattr(stats._chunk_buffers, "by_dtype")  # an analysis hands its buffers back
+    gc.collect()  # an analysis's buffers belong to its reduction route and go with it
+    assert not [o for o in gc.get_objects() if isinstance(o, ChunkBuffers) and o.by_dtype]
+
+
+# ----------------------------------------------------------------------------- the declared table
+def test_every_declared_state_merges_with_its_operator() -> None:
+    """merge() is derived from the table: each state combines with the operator it declares."""
+    from reluscope.measure.accumulators import _COMBINE
+
+    left, right = _fresh("gelu", (3,), 0), _fresh("gelu", (3,), 0)
+    left.percentiles = right.percentiles = True
+    for stats, seed in ((left, 1), (right, 2)):
+        stats._create_states(stats.device, stats.units)
+        generator = torch.Generator().manual_seed(seed)
+        for state, value in stats.states():
+            fill = torch.randint(0, 100, value.shape, generator=generator)
+            setattr(stats, state.name, fill.to(value.dtype) if state.dtype != torch.bool else fill % 2 == 0)
+        stats.samples, stats.elements = seed, 10 * seed
+    expected = {state.name: _COMBINE[state.merge](getattr(left, state.name), getattr(right, state.name))
+                for state, _ in left.states()}
+    assert set(expected) == {state.name for state in SiteStats.STATES}  # every state is kept by this site
+    left.merge(right)
+    for name, value in expected.items():
+        assert torch.equal(getattr(left, name), value), name
+    assert (left.samples, left.elements) == (3, 30)
+
+
+def _all_reduce_rank(rank: int, init_file: str, shards: list, results: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        stats = _fresh("prelu", (3, 2), 0)
+        stats.percentiles = True
+        stats._create_states(stats.device, stats.units)
+        for pre in shards[rank]:
+            _feed(stats, "prelu", pre)
+        stats.all_reduce()
+        results[rank] = stats.to_host()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_processes_equals_one_update_of_the_union(tmp_path) -> None:
+    """What torchrun runs: the same table's operators applied by the collective (gloo, 2 ranks)."""
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(3)
+    shards = [[_batch(rng, 4, (3, 2), True), _batch(rng, 2, (3, 2), False)], [_batch(rng, 5, (3, 2), False)]]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_all_reduce_rank, args=(str(tmp_path / "init"), shards, results), nprocs=2, join=True)
+        merged = [dict(results[0]), dict(results[1])]
+    union = _fresh("prelu", (3, 2), 0)
+    union.percentiles = True
+    union._create_states(union.device, union.units)
+    _feed(union, "prelu", torch.cat([b for shard in shards for b in shard]))
+    for host in merged:
+        _assert_same(host, union.to_host())
+        assert host["percentiles"] == union.to_host()["percentiles"]

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from reluscope.cli import app
 from reluscope.measure.sites import Activation
+from reluscope.measure.reductions import NonfinitePolicy, TorchReduction
 from reluscope.measure.stats import SiteStats
 
 pytest.importorskip("triton")
@@ -92,8 +93,8 @@ CASES: dict[str, tuple[Activation, Callable[[], torch.Tensor], int]] = {
 
 def _pair(activation: Activation, shape: tuple[int, ...], axis: int) -> tuple[SiteStats, SiteStats]:
     # The reference takes the NaN-safe PyTorch route, which sums in float64 as the kernel does.
-    reference = SiteStats(activation, shape, axis, DEVICE, kernel="torch", masked=True)
-    fused = SiteStats(activation, shape, axis, DEVICE, kernel="torch")  # accumulators only; filled below
+    reference = SiteStats(activation, shape, axis, DEVICE, reduction=TorchReduction(NonfinitePolicy.MASKED))
+    fused = SiteStats(activation, shape, axis, DEVICE)  # accumulators only; filled below
     return reference, fused
 
 
@@ -129,9 +130,9 @@ def test_kernel_equals_pytorch_route(kernel: ModuleType, case: str, programs: in
 def test_kernel_matches_the_fast_pytorch_route_on_counts(kernel: ModuleType) -> None:
     """The fast route (float32 sums) is what the CPU and the torch kernel use on finite batches."""
     y = torch.randn(16, 32, 14, 14, generator=_seeded(20)).relu().to(DEVICE)
-    fast = SiteStats(RELU, tuple(y.shape[1:]), 0, DEVICE, kernel="torch", defer_nonfinite=False)
+    fast = SiteStats(RELU, tuple(y.shape[1:]), 0, DEVICE, reduction=TorchReduction(NonfinitePolicy.CHECK))
     fast.update(y)
-    fused = SiteStats(RELU, tuple(y.shape[1:]), 0, DEVICE, kernel="torch")
+    fused = SiteStats(RELU, tuple(y.shape[1:]), 0, DEVICE)
     fused.samples, fused.elements = y.shape[0], y.numel()
     assert kernel.accumulate(fused, y, 1)
     got, want = fused.to_host(), fast.to_host()
@@ -145,9 +146,9 @@ def test_kernel_matches_the_fast_pytorch_route_on_counts(kernel: ModuleType) -> 
 
 def test_scalar_sites_have_one_unit(kernel: ModuleType) -> None:
     y = torch.tensor([0.0, 2.0, -0.0, 3.5, 0.0], device=DEVICE)  # one scalar per sample
-    reference = SiteStats(RELU, (), 0, DEVICE, kernel="torch", masked=True)
+    reference = SiteStats(RELU, (), 0, DEVICE, reduction=TorchReduction(NonfinitePolicy.MASKED))
     reference.update(y)
-    fused = SiteStats(RELU, (), 0, DEVICE, kernel="torch")
+    fused = SiteStats(RELU, (), 0, DEVICE)
     fused.samples, fused.elements = 5, 5
     assert kernel.accumulate(fused, y, None)
     _assert_same(fused.to_host(), reference.to_host())
@@ -162,7 +163,7 @@ def test_scalar_sites_have_one_unit(kernel: ModuleType) -> None:
 ])
 def test_unsupported_inputs_are_left_to_pytorch(kernel: ModuleType, why: str, y: torch.Tensor,
                                                 unit_dim: int) -> None:
-    stats = SiteStats(RELU, tuple(y.shape[1:]), unit_dim - 1, DEVICE, kernel="torch")
+    stats = SiteStats(RELU, tuple(y.shape[1:]), unit_dim - 1, DEVICE)
     assert kernel.accumulate(stats, y.to(DEVICE), unit_dim) is False, why
     assert stats.to_host()["active"] == [0] * stats.units  # untouched
 

@@ -1,26 +1,20 @@
-"""Backends: detect a model file's format from its content and load it lazily."""
+"""Backends: pick the one that runs a model (from a file's content, never its name) and load it.
+
+`open_model` is all the wiring needs: it returns a `Backend` (base.py) holding the loaded model.
+Each backend lives in its own package (torch/, onnx/) and is imported only when a model needs it.
+"""
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..files import check_readable_file, sha256_of
+from .base import Backend, LoadedModel
 
 FORMATS = ("torch-state-dict", "torchscript", "torch-export", "torch-pickle", "onnx")
-
-
-@dataclass
-class LoadedModel:
-    module: Any  # nn.Module, ScriptModule, GraphModule or an onnx ModelProto
-    format: str
-    path: str | None = None
-    sha256: str | None = None
-    export_plan: list[tuple[str, str]] | None = None  # site names of a flattened exported graph
-    notes: list[str] = field(default_factory=list)
 
 
 def detect_format(path: Path) -> str:
@@ -61,3 +55,26 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_checkpoint: b
     loaded.path = str(path)
     loaded.sha256 = sha256_of(path)
     return loaded
+
+
+def open_model(model: Any, *, arch: str | None = None, trust_checkpoint: bool = False) -> Backend:
+    """The backend for `model`: a path (format detected from its bytes), an `nn.Module`, or a
+    Backend already built (e.g. with a chosen NaN/Inf policy), which is returned as it is."""
+    if isinstance(model, Backend):
+        return model
+    if isinstance(model, (str, Path)):
+        loaded = load_model(model, arch=arch, trust_checkpoint=trust_checkpoint)
+        if loaded.format == "onnx":
+            from .onnx.backend import OnnxBackend
+
+            return OnnxBackend(loaded)
+        from .torch.backend import TorchBackend
+
+        return TorchBackend(loaded)
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        from .torch.backend import TorchBackend
+
+        return TorchBackend.of_module(model)
+    raise UsageError(f"model must be a path or a torch.nn.Module, not {type(model).__name__}")

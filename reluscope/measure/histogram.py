@@ -25,9 +25,10 @@ RELATIVE_ERROR = 2.0 ** -(MANTISSA_BITS + 1)
 PERCENTILES = (("p1", 0.01), ("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999))
 
 
-def empty(signed: bool, device: torch.device) -> torch.Tensor:
+def bucket_count(signed: bool) -> int:
     """Counts: magnitudes only (non-negative activations) or negatives mirrored below zero."""
-    return torch.zeros(MAGNITUDE_BUCKETS * (2 if signed else 1), dtype=torch.int64, device=device)
+    return MAGNITUDE_BUCKETS * (2 if signed else 1)
+
 
 
 @torch.no_grad()

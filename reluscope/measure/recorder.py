@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .sites import Activation, SiteInfo, resolve_unit_axis
+from .sites import Activation, SiteInfo, call_names, resolve_unit_axis
 from .stats import SiteGradStats, SiteStats
 
 
@@ -30,12 +30,12 @@ class _Site:
 
 class SiteRecorder:
     def __init__(self, unit_axis: int | None = None, gradients: bool = False, percentiles: bool = False,
-                 masked: bool = False, kernel: str = "auto") -> None:
+                 reduction: Any = None) -> None:
         self.unit_axis_override = unit_axis
         self.gradients = gradients
         self.percentiles = percentiles
-        self.masked = masked  # NaN/Inf-safe statistics on every batch (the re-run after a poisoned one)
-        self.kernel = kernel  # how SiteStats reduce: auto, triton or torch
+        # How every site folds a batch (measure.reductions); None: the PyTorch route for the tensor's device
+        self.reduction = reduction
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
 
@@ -55,7 +55,7 @@ class SiteRecorder:
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
             stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles,
-                              masked=self.masked, kernel=self.kernel)
+                              reduction=self.reduction)
             grad = SiteGradStats.on(output.device) if self.gradients else None
             site = _Site(base, call, activation, stats, tensor, grad, module)
             self._sites[(base, call)] = site
@@ -70,14 +70,10 @@ class SiteRecorder:
 
     def sites(self) -> list[tuple[SiteInfo, Activation, SiteStats]]:
         """Sites in order of first call, named `base` or `base#k` when a base is called more than once."""
-        multi = {base for (base, call) in self._sites if call > 0}
-        out = []
-        for site in self._sites.values():
-            name = f"{site.base}#{site.call}" if site.base in multi else site.base
-            info = SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor,
-                            site.module)
-            out.append((info, site.activation, site.stats))
-        return out
+        sites = list(self._sites.values())
+        return [(SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor, site.module),
+                 site.activation, site.stats)
+                for site, name in zip(sites, call_names([site.base for site in sites]))]
 
     def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
         return [(info, act, stats.to_host()) for info, act, stats in self.sites()]
@@ -96,8 +92,7 @@ class SiteRecorder:
     def fresh(self, **changes: Any) -> "SiteRecorder":
         """An empty recorder with the same settings (for a run that starts over)."""
         settings = {"unit_axis": self.unit_axis_override, "gradients": self.gradients,
-                    "percentiles": self.percentiles, "masked": self.masked,
-                    "kernel": self.kernel}
+                    "percentiles": self.percentiles, "reduction": self.reduction}
         return SiteRecorder(**{**settings, **changes})
 
     def all_reduce(self) -> None:

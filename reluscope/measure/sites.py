@@ -49,6 +49,32 @@ _INPLACE_ARG = {
 
 _SMOOTH = {"leaky_relu", "elu", "selu", "celu", "gelu", "silu", "hardswish", "mish"}
 
+
+def activation(op: str, *, inplace: bool = False) -> Activation:
+    """The Activation a report label stands for, wherever it was found (torch call, ONNX node)."""
+    if op == "relu":
+        return Activation("relu", hard_zero=True, inplace=inplace)
+    if op == "prelu":
+        return Activation("prelu", hard_zero=False, active_from_input=True)
+    if op == "hardsigmoid":  # MobileNetV3's gates: exactly 0 below -3, saturates at 1
+        return Activation("hardsigmoid", hard_zero=True, upper=1.0, inplace=inplace)
+    if op in _SMOOTH:
+        return Activation(op, hard_zero=False, inplace=inplace)
+    raise ValueError(f"not a ReLU-family label: {op!r}")
+
+
+def clamped(high: float | None, *, inplace: bool = False) -> Activation:
+    """A ReLU with an optional upper bound (clamp(min=0, max=high), hardtanh(0, high), Clip(0, high)):
+    relu6 at 6, clamp otherwise; no bound, or one at float32's maximum, means no saturation."""
+    if high is not None and high >= FLOAT32_MAX:
+        high = None
+    if high == 6:
+        return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
+    return Activation("clamp", hard_zero=True, upper=None if high is None else float(high), inplace=inplace)
+
+
+FLOAT32_MAX = 3.4028234e38
+
 # Ops that keep the unit layout of their input: an activation after them has the same unit
 # axis as the layer that produced their input (BatchNorm after a conv, a bias add, dropout).
 PASSTHROUGH_OPS = frozenset(
@@ -91,6 +117,21 @@ def functional_site_name(enclosing: str, op: str) -> str:
     return f"{enclosing}.{op}()" if enclosing else f"{op}()"
 
 
+def call_names(bases: Sequence[str | None]) -> list[str | None]:
+    """Site names for a run's calls in order: `base` when a base is called once, `base#k` for its
+    k-th call (from 0) when it is called more than once. None (no name known) stays None."""
+    repeated = {base for base in bases if base is not None and bases.count(base) > 1}
+    seen: dict[str, int] = {}
+    names: list[str | None] = []
+    for base in bases:
+        if base in repeated:
+            names.append(f"{base}#{seen.setdefault(base, 0)}")
+            seen[base] += 1
+        else:
+            names.append(base)
+    return names
+
+
 def normalize_op_name(name: str) -> str:
     """'aten::relu_' / 'aten.relu_.default' / 'relu_' -> 'relu_'."""
     if "::" in name:
@@ -126,16 +167,15 @@ def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | No
         inplace = trailing_inplace
 
     if base == "relu":
-        return Activation("relu", hard_zero=True, inplace=inplace)
+        return activation("relu", inplace=inplace)
     if base == "relu6":
-        return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
+        return clamped(6.0, inplace=inplace)
     if base == "hardtanh":
         low = _arg(args, kwargs, 1, "min_val", -1.0)
         high = _arg(args, kwargs, 2, "max_val", 1.0)
         if not _is_zero(low):
             return None
-        op = "relu6" if high == 6 else "clamp"
-        return Activation(op, hard_zero=True, upper=float(high), inplace=inplace)
+        return clamped(float(high), inplace=inplace)
     if base in ("clamp", "clip", "clamp_min"):
         low = _arg(args, kwargs, 1, "min", None)
         high = None if base == "clamp_min" else _arg(args, kwargs, 2, "max", None)
@@ -143,15 +183,13 @@ def classify(name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | No
             return None
         if high is not None and not isinstance(high, (int, float)):
             return None  # a tensor bound: not a fixed saturation level
-        if high == 6:
-            return Activation("relu6", hard_zero=True, upper=6.0, inplace=inplace)
-        return Activation("clamp", hard_zero=True, upper=None if high is None else float(high), inplace=inplace)
-    if base == "hardsigmoid":  # MobileNetV3's gates: exactly 0 below -3, saturates at 1
-        return Activation("hardsigmoid", hard_zero=True, upper=1.0, inplace=inplace)
+        return clamped(None if high is None else float(high), inplace=inplace)
+    if base == "hardsigmoid":
+        return activation("hardsigmoid", inplace=inplace)
     if base in ("prelu", "_prelu_kernel"):
-        return Activation("prelu", hard_zero=False, active_from_input=True, inplace=False)
+        return activation("prelu")
     if base in _SMOOTH:
-        return Activation(base, hard_zero=False, inplace=inplace)
+        return activation(base, inplace=inplace)
     return None
 
 

@@ -21,26 +21,18 @@ from onnx import numpy_helper
 
 from .. import LoadedModel
 from ...errors import InputError, first_line
-from ...measure.sites import CHANNEL, LAST, Activation
+from ...measure.sites import CHANNEL, LAST, Activation, activation, clamped
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_FLT_MAX = 3.4028234e38
 
 _SIMPLE_OPS = {  # op_type -> Activation, for ops that are a site by themselves
-    "Relu": Activation("relu", hard_zero=True),
-    "LeakyRelu": Activation("leaky_relu", hard_zero=False),
-    "PRelu": Activation("prelu", hard_zero=False, active_from_input=True),
-    "Elu": Activation("elu", hard_zero=False),
-    "Selu": Activation("selu", hard_zero=False),
-    "Celu": Activation("celu", hard_zero=False),
-    "Gelu": Activation("gelu", hard_zero=False),
-    "HardSwish": Activation("hardswish", hard_zero=False),
-    "Mish": Activation("mish", hard_zero=False),
-    "Swish": Activation("silu", hard_zero=False),
-    "HardSigmoid": Activation("hardsigmoid", hard_zero=True, upper=1.0),
+    op_type: activation(label) for op_type, label in (
+        ("Relu", "relu"), ("LeakyRelu", "leaky_relu"), ("PRelu", "prelu"), ("Elu", "elu"), ("Selu", "selu"),
+        ("Celu", "celu"), ("Gelu", "gelu"), ("HardSwish", "hardswish"), ("Mish", "mish"), ("Swish", "silu"),
+        ("HardSigmoid", "hardsigmoid"))
 }
 # onnxruntime's contrib ops, as written by its transformer optimizer.
-_MICROSOFT_OPS = {op: Activation("gelu", hard_zero=False) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
+_MICROSOFT_OPS = {op: activation("gelu") for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
 # ... and by its graph optimizer (a model saved with `optimized_model_filepath`): a convolution or
 # matrix product with the activation folded in (`activation` attribute). The site is the fused
 # node's output; its units lie where the layer writes them.
@@ -183,11 +175,7 @@ class _Graph:
                 return None  # a tensor bound: no fixed saturation level
         if low != 0:
             return None
-        if high is None or high >= _FLT_MAX:
-            return Activation("clamp", hard_zero=True)
-        if high == 6:
-            return Activation("relu6", hard_zero=True, upper=6.0)
-        return Activation("clamp", hard_zero=True, upper=high)
+        return clamped(high)
 
     def gate(self, node: onnx.NodeProto) -> tuple[str, onnx.NodeProto] | None:
         """Mul(x, g(x)): SiLU (g = Sigmoid), Mish (Tanh(Softplus)), HardSwish (HardSigmoid(1/6, 1/2)).
@@ -246,16 +234,13 @@ def _fused_activation(node: onnx.NodeProto) -> Activation | None:
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     params = list(attrs.get("activation_params", []))
     if kind == "Relu":
-        return Activation("relu", hard_zero=True)
+        return activation("relu")
     if kind == "LeakyRelu":
-        return Activation("leaky_relu", hard_zero=False)
+        return activation("leaky_relu")
     if kind == "Clip" and len(params) == 2 and params[0] == 0:
-        high = params[1]
-        if high == 6:
-            return Activation("relu6", hard_zero=True, upper=6.0)
-        return Activation("clamp", hard_zero=True, upper=None if high >= _FLT_MAX else float(high))
+        return clamped(float(params[1]))
     if kind == "HardSigmoid":
-        return Activation("hardsigmoid", hard_zero=True, upper=1.0)
+        return activation("hardsigmoid")
     return None  # Sigmoid, Tanh, a Clip with another minimum: not ReLU-family
 
 
@@ -278,13 +263,13 @@ def _classify(node: onnx.NodeProto, graph: _Graph) -> tuple[Activation, str] | N
     if op == "Max" and len(node.input) == 2:  # torch.clamp(x, min=0) exports as Max(x, 0)
         zero = [i for i in node.input if graph.scalar(i) == 0]
         if len(zero) == 1:
-            return Activation("clamp", hard_zero=True), next(i for i in node.input if i != zero[0])
+            return clamped(None), next(i for i in node.input if i != zero[0])
         return None
     gated = graph.gate(node)
     if gated is not None:
-        return Activation(gated[0], hard_zero=False), next(i for i in node.input if i != gated[1].output[0])
+        return activation(gated[0]), next(i for i in node.input if i != gated[1].output[0])
     x = graph.erf_gelu(node)
-    return (Activation("gelu", hard_zero=False), x) if x is not None else None
+    return (activation("gelu"), x) if x is not None else None
 
 
 def _gates(graph_proto: onnx.GraphProto, graph: _Graph) -> set[str]:
@@ -346,7 +331,7 @@ def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str
     are what relate the two reports."""
     import ast
 
-    from ...measure.sites import functional_site_name, is_activation_module
+    from ...measure.sites import call_names, functional_site_name, is_activation_module
 
     bases: list[str | None] = []
     for node, act in nodes:
@@ -360,13 +345,4 @@ def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str
         path = scopes[-2] if len(scopes) >= 3 else ""  # [root "", module qualnames..., the aten node]
         owner = classes[-2] if len(classes) >= 2 else ""
         bases.append(path if path and is_activation_module(owner) else functional_site_name(path, act.op))
-    repeated = {b for b in bases if b is not None and bases.count(b) > 1}
-    calls: dict[str, int] = {}
-    names: list[str | None] = []
-    for base in bases:
-        if base in repeated:
-            names.append(f"{base}#{calls.setdefault(base, 0)}")
-            calls[base] += 1
-        else:
-            names.append(base)
-    return names
+    return call_names(bases)

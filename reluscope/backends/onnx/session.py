@@ -36,6 +36,7 @@ from ...errors import InputError, UsageError, first_line
 from ...measure.recorder import SiteRecorder
 from ...measure.sites import resolve_unit_axis
 from ...measure.stats import SiteStats
+from ..base import Session
 from .graph import OnnxSite, default_opset, find_sites, inline_functions, true_inputs
 
 # ORT_ENABLE_ALL: what deployed sessions run, and the fastest level measured here (its NCHWc
@@ -219,7 +220,7 @@ def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class OnnxCapture:
+class OnnxCapture(Session):
     """Context manager: while active, `run(inputs)` feeds every site of the graph into `recorder`."""
 
     def __init__(self, model: onnx.ModelProto, recorder: SiteRecorder, device: str = "cpu",
@@ -395,17 +396,16 @@ def _exact(reduced: _Reduced, shape: np.ndarray, get: Rows) -> bool:
 
 
 def _fold(stats: SiteStats, reduced: _Reduced, shape: np.ndarray, get: Rows) -> None:
-    """Add one batch's in-graph reductions to a site's accumulators."""
+    """Add one batch's in-graph reductions to a site's accumulators (their declared merge operators)."""
     rows = len(get(reduced.low))
-    stats.add_reduced(
+    stats.add(
         samples=rows,
         elements=rows * math.prod(int(d) for d in shape[1:]),
-        active=torch.from_numpy(get(reduced.active).sum(axis=0, dtype=np.float64).round().astype(np.int64)),
-        abs_sum=None if reduced.abs_total is None else torch.from_numpy(get(reduced.abs_total).sum(axis=0,
-                                                                                                  dtype=np.float64)),
+        active=get(reduced.active).sum(axis=0, dtype=np.float64).round().astype(np.int64),
+        abs_sum=None if reduced.abs_total is None else get(reduced.abs_total).sum(axis=0, dtype=np.float64),
         saturated=0 if reduced.saturated is None else int(get(reduced.saturated).sum(dtype=np.float64)),
-        low=float(get(reduced.low).min()),
-        high=float(get(reduced.high).max()),
-        total=float(get(reduced.total).sum(dtype=np.float64)),
-        squares=float(get(reduced.squares).sum(dtype=np.float64)),
+        min=float(get(reduced.low).min()),
+        max=float(get(reduced.high).max()),
+        sum=float(get(reduced.total).sum(dtype=np.float64)),
+        sumsq=float(get(reduced.squares).sum(dtype=np.float64)),
     )

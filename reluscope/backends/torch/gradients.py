@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
 from ...errors import UsageError
+from ...measure.accumulators import Accumulators, State
 
 LOSSES = ("cross-entropy", "predicted-class", "half-squared-norm")
 VANISHING_RATIO = 1e-3
@@ -65,47 +65,38 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise UsageError(f"--gradients needs a model output tensor; the model returned {type(output).__name__}")
 
 
-@dataclass
-class ParameterGradients:
+class ParameterGradients(Accumulators):
     """Per-parameter sums of squared batch-gradient norms, on the model's device."""
 
-    names: list[str]
-    tensors: list[torch.Tensor]
-    sumsq: torch.Tensor
-    nonfinite: torch.Tensor
-    batches: int = 0
-    loss: str | None = None
-    loss_sum: torch.Tensor | None = None
+    STATES: ClassVar[tuple[State, ...]] = (
+        State("sumsq", torch.float64, "sum", "units"),  # one "unit" per parameter tensor
+        State("nonfinite", torch.int64, "sum"),  # non-finite gradient elements
+        State("loss_sum", torch.float64, "sum"),
+    )
+    COUNTERS: ClassVar[tuple[str, ...]] = ("batches",)
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+        self.names = [n for n, _ in named]
+        self.tensors = [t for _, t in named]
+        self.loss: str | None = None
+        self._create_states(torch.device(device), len(self.names))
 
     @classmethod
     def of(cls, named: list[tuple[str, torch.Tensor]], device: torch.device) -> "ParameterGradients":
-        names = [n for n, t in named]
-        tensors = [t for n, t in named]
-        return cls(names, tensors, torch.zeros(len(names), dtype=torch.float64, device=device),
-                   torch.zeros((), dtype=torch.int64, device=device))
+        return cls(named, device)
 
     def step(self, output: Any, labels: torch.Tensor | None, requested_loss: str | None) -> None:
         out = first_tensor(output)
         if self.loss is None:
             self.loss = choose_loss(requested_loss, out, labels)
         loss = loss_value(self.loss, out, labels)
-        self.loss_sum = loss.detach().double() if self.loss_sum is None else self.loss_sum + loss.detach().double()
+        self.loss_sum += loss.detach().double().to(self.loss_sum.device)
         grads = torch.autograd.grad(loss, self.tensors, allow_unused=True)
         present = [g if g is not None else torch.zeros((), device=loss.device) for g in grads]
         norms = torch.stack([n.to(self.sumsq.device) for n in torch._foreach_norm(present)]).double()
         self.nonfinite += sum((~torch.isfinite(g)).sum() for g in present)  # elements, each counted once
         self.sumsq += norms.pow(2)
         self.batches += 1
-
-    def all_reduce(self) -> None:
-        from ...distributed import all_reduce, all_reduce_int
-
-        all_reduce(self.sumsq, "sum")
-        all_reduce(self.nonfinite, "sum")
-        if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.sumsq.device)
-        all_reduce(self.loss_sum, "sum")
-        self.batches = all_reduce_int(self.batches, self.sumsq.device)
 
     def to_dict(self, vanishing: float = VANISHING_RATIO, exploding: float = EXPLODING_RATIO) -> dict[str, Any]:
         grad_norms = [math.sqrt(v / self.batches) if self.batches else 0.0 for v in self.sumsq.cpu().tolist()]
@@ -130,7 +121,7 @@ class ParameterGradients:
             verdict = "vanishing"
         elif slope is not None and slope > exploding:
             verdict = "exploding"
-        loss_mean = float(self.loss_sum.item()) / self.batches if self.loss_sum is not None and self.batches else None
+        loss_mean = float(self.loss_sum.item()) / self.batches if self.batches else None
         return {
             "loss": self.loss,
             "loss_mean": loss_mean if loss_mean is not None and math.isfinite(loss_mean) else None,

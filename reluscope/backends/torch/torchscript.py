@@ -19,6 +19,7 @@ from ...errors import InputError
 from ...measure import sites as table
 from ...measure.recorder import SiteRecorder
 from ...measure.sites import CHANNEL, LAST
+from .capture import TorchSession
 
 _HIERARCHY_PART = re.compile(r"([^.()]*)\(([^)]*)\)")
 
@@ -69,12 +70,11 @@ def _mutated_later(value: torch._C.Value) -> bool:
     return any(use.user.kind().endswith("_") and use.offset == 0 for use in value.uses())
 
 
-class ScriptCapture:
+class ScriptCapture(TorchSession):
     """Runs a ScriptModule through a rewritten graph; every site output is fed to `recorder`."""
 
     def __init__(self, module: torch.jit.ScriptModule, recorder: SiteRecorder) -> None:
-        self.recorder = recorder
-        self.unreachable: list[dict[str, str]] = []
+        super().__init__(module, recorder)
         self._module = module
         self._checked: set[Any] = set()
         # Parameters stay attributes (not folded into constants) so that gradients can reach them.
@@ -111,7 +111,7 @@ class ScriptCapture:
                 for inner in block.nodes():
                     act = table.classify(table.normalize_op_name(inner.kind()), _constant_args(inner))
                     if act is not None:
-                        self.unreachable.append({
+                        self.unanalysed.append({
                             "name": _base_name(inner, act.op),
                             "reason": "inside TorchScript control flow (prim::If/prim::Loop); not analysed",
                         })
@@ -149,11 +149,8 @@ class ScriptCapture:
             out.append((name, value))
         return out
 
-    def __enter__(self) -> "ScriptCapture":
-        return self
-
     def __exit__(self, *exc: Any) -> None:
-        return None
+        return None  # the rewritten graph is a copy: nothing of the module was touched
 
     def run(self, inputs: tuple[Any, ...] | dict[str, Any]) -> Any:
         if isinstance(inputs, dict):

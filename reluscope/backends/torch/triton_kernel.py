@@ -1,8 +1,8 @@
 """Site statistics in one read of the activation: a Triton kernel for CUDA.
 
-The PyTorch route in `SiteStats._update_torch` runs about fifteen separate reductions per
+The PyTorch route (`measure.reductions.TorchReduction`) runs about fifteen separate reductions per
 site and batch, each a pass over the activation and a kernel launch; on an H100 three such
-reductions already cost 1.70x a bare ResNet-50 forward (../shared/FACTS.md). This kernel
+reductions already cost 1.70x a bare ResNet-50 forward. This kernel
 reads each element once and folds everything `SiteStats` keeps into its accumulators:
 per-unit active counts and |y| sums, saturated and NaN/Inf counts, min and max over finite
 outputs, and float64 sum and sum of squares. One launch per site and batch; results go
@@ -11,7 +11,7 @@ straight into the accumulators with atomics, so nothing is read back to the host
 NaN/Inf are masked in the same pass (they count as non-finite and add nothing else), so this
 route never needs the deferred re-measure that the PyTorch route relies on for speed.
 
-This module imports triton at the top; `stats.py` imports it lazily and only where it is used.
+This module imports triton at the top; `routes.py` imports it lazily and only where it is used.
 With TRITON_INTERPRET=1 set before the import, the same kernel runs on CPU tensors in
 Triton's interpreter: that is how the tests check it against the PyTorch route without a GPU.
 """
@@ -180,6 +180,19 @@ def _target_programs(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
+# The kernel writes every state of SiteStats but these, in the order the table declares them: the
+# histogram is a separate bincount, and the kernel masks NaN/Inf itself, so nothing is deferred.
+NOT_WRITTEN = ("hist", "poisoned")
+
+
+def state_pointers(stats: SiteStats) -> list[torch.Tensor]:
+    """The kernel's accumulator arguments, from SiteStats' declared states (a state the site does
+    not keep, |y| sums, gets a stand-in the kernel never writes: HAS_ABS is off)."""
+    stand_in = stats.sum
+    return [stand_in if getattr(stats, state.name) is None else getattr(stats, state.name)
+            for state in stats.STATES if state.name not in NOT_WRITTEN]
+
+
 def accumulate(stats: SiteStats, y: torch.Tensor, unit_dim: int | None, *,
                target_programs: int | None = None) -> bool:
     """Fold one batch into `stats` with one kernel launch; False (nothing done) where the
@@ -198,14 +211,12 @@ def accumulate(stats: SiteStats, y: torch.Tensor, unit_dim: int | None, *,
     tiles_per_program = triton.cdiv(tiles_per_unit, splits)
     splits = triton.cdiv(tiles_per_unit, tiles_per_program)
     upper = stats.activation.upper
-    abs_sum = stats.abs_sum
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _site_stats_kernel[(unit_blocks, splits)](
-            x, stats.active, abs_sum if abs_sum is not None else stats.vsum, stats.saturated, stats.nonfinite,
-            stats.vmin, stats.vmax, stats.vsum, stats.vsumsq,
+            x, *state_pointers(stats),
             outer, units, inner, inner_chunks, tiles_per_program, float(upper or 0.0),
             ROWS=rows, UNIT_BLOCK=unit_block, INNER_BLOCK=inner_block,
-            HAS_ABS=abs_sum is not None, HAS_UPPER=upper is not None, num_warps=NUM_WARPS,
+            HAS_ABS=stats.abs_sum is not None, HAS_UPPER=upper is not None, num_warps=NUM_WARPS,
         )
     return True
 
@@ -239,10 +250,12 @@ def self_check(device: torch.device) -> str | None:
 
 def _disagreements(activation: Any, y: torch.Tensor) -> list[str]:
     """Statistics of one batch where the kernel and the NaN-safe PyTorch route differ."""
+    from ...measure.reductions import NonfinitePolicy, TorchReduction
     from ...measure.stats import SiteStats
 
-    fused = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch")
-    reference = SiteStats(activation, tuple(y.shape[1:]), 0, y.device, kernel="torch", masked=True)
+    fused = SiteStats(activation, tuple(y.shape[1:]), 0, y.device)  # accumulators only, filled by the kernel
+    reference = SiteStats(activation, tuple(y.shape[1:]), 0, y.device,
+                          reduction=TorchReduction(NonfinitePolicy.MASKED))
     reference.update(y)
     accumulate(fused, y, 1, target_programs=4)
     fused.samples, fused.elements = reference.samples, reference.elements

@@ -1,0 +1,50 @@
+"""The ONNX backend's measuring: onnxruntime runs the graph with each site reduced inside it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...measure.recorder import SiteRecorder
+from ...run import Run
+from ..base import Backend, Measurement
+from .session import OnnxCapture
+
+GRADIENTS_UNAVAILABLE = ("gradient flow needs the PyTorch model: ONNX graphs are analysed with onnxruntime, which "
+                         "has no backward pass; analyse the .pt/.pt2/TorchScript file with --gradients")
+
+
+def resolve_device(requested: str) -> Any:
+    """auto for ONNX: CUDA only when onnxruntime itself has its CUDA provider (onnxruntime-gpu)."""
+    if requested.lower() == "auto":
+        import onnxruntime
+        import torch
+
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return torch.device("cuda" if has_cuda else "cpu")
+    from ..torch.devices import resolve_device as resolve_torch_device
+
+    return resolve_torch_device(requested)
+
+
+class OnnxBackend(Backend):
+    name = "onnxruntime"
+
+    def measure(self, run: Run) -> Measurement:
+        config = run.config
+        device = resolve_device(config.device)
+        # Site tensors come back from onnxruntime as host arrays: the PyTorch route on the CPU reduces them.
+        run.recorder = SiteRecorder(unit_axis=config.unit_axis, percentiles=config.percentiles)
+        session = OnnxCapture(self.loaded.module, run.recorder, device=str(device), path=self.loaded.path)
+        with session:
+            for batch in run.batches():
+                run.forward(session, batch.inputs)
+        run.unanalysed.extend(session.unanalysed)
+        run.warnings.extend(session.warnings)
+        flow = None
+        if config.gradients:
+            run.warnings.append(GRADIENTS_UNAVAILABLE)
+            flow = {"available": False, "reason": GRADIENTS_UNAVAILABLE}
+        return Measurement(recorder=run.recorder,
+                           run={"backend": self.name, "device": str(device), "processes": 1,
+                                "batch_size": config.batch_size},
+                           gradient_flow=flow)
