@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable
 
@@ -12,12 +13,8 @@ from .report import Report, Thresholds, build_layer, build_summary
 from .run import ProgressCallback, Run
 
 
-def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: int = 64,
-            max_samples: int | None = None, input_shape: Any = None, unit_axis: int | None = None,
-            arch: str | None = None, trust_checkpoint: bool = False, rare_threshold: float = 0.01,
-            dormant_tau: float = 0.025, gradients: bool = False, loss: str | None = None,
-            percentiles: bool = False, stats_kernel: str = "auto", progress: ProgressCallback | None = None,
-            on_start: Callable[[int | None], None] | None = None) -> Report:
+def analyze(model: Any, data: Any = None, *, progress: ProgressCallback | None = None,
+            on_start: Callable[[int | None], None] | None = None, **options: Any) -> Report:
     """Analyse every ReLU-family activation site of `model` on `data`.
 
     `model` is an `nn.Module` (handed back as it came: mode, device, hooks), or a path to a
@@ -26,13 +23,30 @@ def analyze(model: Any, data: Any = None, *, device: str = "auto", batch_size: i
     synthetic inputs of `input_shape` (per sample). `stats_kernel` picks how site statistics
     are reduced: "triton" (one pass per activation, CUDA), "torch", or "auto" (Triton on CUDA
     where the triton package is installed).
+
+    `options` are the settings of `reluscope analyze` (options.ANALYSIS_OPTIONS), as keywords;
+    `input_shape` is a sequence of ints. Any other keyword is a TypeError. `progress` is called
+    with the number of samples of each batch measured, `on_start` once with the planned total
+    (None when unknown).
     """
-    config = AnalyzeConfig(device=device, batch_size=batch_size, max_samples=max_samples,
-                           input_shape=tuple(input_shape) if input_shape is not None else None, unit_axis=unit_axis,
-                           arch=arch, trust_checkpoint=trust_checkpoint, rare_threshold=rare_threshold,
-                           dormant_tau=dormant_tau, gradients=gradients, loss=loss, percentiles=percentiles,
-                           stats_kernel=stats_kernel)
+    config = AnalyzeConfig.from_keywords(options)
     return run_analysis(model, data, config, progress=progress, on_start=on_start)
+
+
+def _declare_keywords() -> None:
+    """Show analyze's keywords, one per declared analysis option, to help(), inspect and editors."""
+    from .options import ANALYSIS_OPTIONS
+
+    signature = inspect.signature(analyze)
+    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    declared = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                  annotation=o.field_type or o.type) for o in ANALYSIS_OPTIONS]
+    analyze.__signature__ = signature.replace(parameters=[*fixed, *declared])  # type: ignore[attr-defined]
+    analyze.__doc__ = (analyze.__doc__ or "") + "\n    Options:\n\n" + "".join(
+        f"    {o.name} = {o.default!r}: {o.help}\n" for o in ANALYSIS_OPTIONS)
+
+
+_declare_keywords()
 
 
 def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: ProgressCallback | None = None,

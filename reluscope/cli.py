@@ -6,7 +6,7 @@ Domain errors become one line on stderr and exit code 2; anything else is exit c
 
 from __future__ import annotations
 
-import enum
+import inspect
 import sys
 import traceback
 import warnings
@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
+from .options import ANALYZE_OPTIONS, CONFIG_HELP, Option, OutputFormat
 
 app = typer.Typer(
     name="reluscope",
@@ -28,19 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
-
-
-class OutputFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
-
-FAIL_ON_HELP = ("Gate rule \\[SCOPE:]METRIC OP NUMBER (OP: > >= < <= == !=); exit 1 when it is true. Repeatable. "
-                "No scope: the model-wide summary (e.g. 'dead_fraction>0.05'); a scope is a glob over site names "
-                "and fails if any matching site does (e.g. 'features.*:dead_units>1'). Quote it in the shell.")
-CONFIG_HELP = ("Config file (reluscope.toml, or pyproject.toml with \\[tool.reluscope]). Default: the nearest one "
-               "from the current folder upwards. Command-line options win over it.")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -55,8 +43,6 @@ def _with_settings(ctx: typer.Context, values: dict[str, Any], from_config: dict
     for name, value in from_config.items():
         if name in merged and not _given(ctx, name):
             merged[name] = value
-    if isinstance(merged.get("output_format"), str):
-        merged["output_format"] = OutputFormat(merged["output_format"])
     return merged
 
 
@@ -133,74 +119,51 @@ def run_guarded(action: Callable[[], int], debug: bool) -> None:
         raise typer.Exit(code)
 
 
+def _declared_options(options: tuple[Option, ...]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command that takes `**options` one keyword parameter per declared option.
+
+    typer builds a command's parameters from `inspect.signature` (which honours `__signature__`)
+    and `typing.get_type_hints` (which reads `__annotations__`), so both are set here.
+    """
+
+    def declare(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        for option in options:
+            extra = {"metavar": option.metavar} if option.metavar is not None else {}
+            default = typer.Option(option.default, *option.flags, help=option.help, **extra)
+            parameters.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=option.type))
+        command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": None}
+        return command
+
+    return declare
+
+
 @app.command()
+@_declared_options(ANALYZE_OPTIONS)
 def analyze(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="Model file: state_dict (.pt, with --arch), TorchScript, torch.export "
                                  "(.pt2), pickled nn.Module (with --trust-checkpoint) or ONNX. Detected from content."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Calibration data: .npy, .npz (x/inputs, y/labels), "
-                                        ".pt (tensor, tuple or dict) or a folder of images."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture factory for a state_dict: FILE.py:FACTORY "
-                                       "or package.module:FACTORY."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 3,224,224: "
-                                              "for synthetic data and for resizing image folders."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Samples per forward pass."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "-n", help="Analyse at most this many samples."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Payload format."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the payload to FILE (atomically) "
-                                          "instead of stdout."),
-    unit_axis: Optional[int] = typer.Option(None, "--unit-axis", help="Override the unit axis (per-sample, batch axis "
-                                            "dropped; negative counts from the end)."),
-    rare_threshold: float = typer.Option(0.01, "--rare-threshold", help="Active share below which a unit is rarely "
-                                         "active."),
-    dormant_tau: float = typer.Option(0.025, "--dormant-tau", help="tau of the tau-dormant score for GELU/SiLU/ELU/"
-                                      "LeakyReLU sites."),
-    gradients: bool = typer.Option(False, "--gradients", help="Also run backward passes and report gradient flow "
-                                   "(PyTorch models)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Loss for --gradients: cross-entropy, predicted-class or "
-                                       "half-squared-norm (default: chosen from the data and the output)."),
-    percentiles: bool = typer.Option(False, "--percentiles", help="Also report p1/p50/p99/p99.9 of each site's outputs "
-                                     "(streaming histogram, relative error <= 0.4%; costs extra passes)."),
-    stats_kernel: str = typer.Option("auto", "--stats-kernel", metavar="auto|triton|torch", help="How site statistics "
-                                     "are computed: a one-pass Triton kernel or PyTorch reductions. auto: Triton on "
-                                     "CUDA where the triton package is installed, PyTorch otherwise."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow unpickling code from the checkpoint "
-                                          "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for "
-                                          "files you trust."),
-    fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", metavar="RULE", help=FAIL_ON_HELP),
-    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write the gate results as "
-                                         "JUnit XML (one test case per --fail-on rule)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help=CONFIG_HELP),
-    no_config: bool = typer.Option(False, "--no-config", help="Ignore config files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    **options: Any,  # one per option in options.ANALYZE_OPTIONS
 ) -> None:
     """Analyse every ReLU-family activation site of MODEL on calibration data.
 
     Exit codes: 0 ok, 1 a --fail-on gate failed, 2 bad usage or input, 3 internal error.
     """
-    given = {"data": data, "arch": arch, "input_shape": input_shape, "batch_size": batch_size,
-             "max_samples": max_samples, "device": device, "output_format": output_format, "unit_axis": unit_axis,
-             "rare_threshold": rare_threshold, "dormant_tau": dormant_tau, "gradients": gradients, "loss": loss,
-             "percentiles": percentiles, "stats_kernel": stats_kernel,
-             "fail_on": fail_on, "junit": junit}
+    output, quiet, debug = options["output"], options["quiet"], options["debug"]
 
     def body() -> int:
-        from . import data as data_sources
         from .config import AnalyzeConfig
         from .gate import evaluate, parse_rules
         from .output import check_writable, emit
 
-        opts = _with_settings(ctx, given, _load_settings(config_file, no_config).analyze)
+        opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
         fmt = opts["output_format"]
         rules = parse_rules(opts["fail_on"], gradients=opts["gradients"])  # fail fast, before the analysis
-        config = AnalyzeConfig(device=opts["device"], batch_size=opts["batch_size"], max_samples=opts["max_samples"],
-                               input_shape=data_sources.parse_shape(opts["input_shape"]), unit_axis=opts["unit_axis"],
-                               arch=opts["arch"], trust_checkpoint=trust_checkpoint,
-                               rare_threshold=opts["rare_threshold"], dormant_tau=opts["dormant_tau"],
-                               gradients=opts["gradients"], loss=opts["loss"], percentiles=opts["percentiles"],
-                               stats_kernel=opts["stats_kernel"])
+        config = AnalyzeConfig.from_cli(opts)
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .errors import UsageError
+from .options import ANALYZE_OPTIONS, Option
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,102 +37,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 CONFIG_FILE = "reluscope.toml"
 PYPROJECT = "pyproject.toml"
-FORMATS = ("table", "json", "markdown")
 
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"expected a non-empty string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _format(value: Any) -> str:
-    if value not in FORMATS:
-        raise TypeError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
-    return value
-
-
-def _rules(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"expected a list of rule strings, got {value!r}")
-    return list(value)
-
-
-def _shape(value: Any) -> str:
-    """`"3,224,224"` or `[3, 224, 224]`; handed on as the CLI's text form."""
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return ",".join(str(v) for v in value)
-    raise TypeError(f"expected a string like \"3,224,224\" or a list of integers, got {value!r}")
-
-
-def _path(base: Path) -> Callable[[Any], Path]:
-    def convert(value: Any) -> Path:
-        path = Path(_str(value)).expanduser()
-        return path if path.is_absolute() else base / path
-
-    return convert
-
-
-def _arch(base: Path) -> Callable[[Any], str]:
-    """`FILE.py:FACTORY` gets its file resolved against the config's folder; `package.module:F` stays."""
-
-    def convert(value: Any) -> str:
-        spec = _str(value)
-        target, sep, factory = spec.rpartition(":")
-        if sep and (target.endswith(".py") or "/" in target or "\\" in target):
-            file = Path(target).expanduser()
-            return f"{file if file.is_absolute() else base / file}:{factory}"
-        return spec
-
-    return convert
-
-
-# kebab-case key -> (parameter name of the command, converter factory taking the config folder)
-ANALYZE_KEYS: dict[str, tuple[str, Callable[[Path], Callable[[Any], Any]]]] = {
-    "data": ("data", _path),
-    "arch": ("arch", _arch),
-    "input-shape": ("input_shape", lambda base: _shape),
-    "batch-size": ("batch_size", lambda base: _int),
-    "max-samples": ("max_samples", lambda base: _int),
-    "device": ("device", lambda base: _str),
-    "format": ("output_format", lambda base: _format),
-    "unit-axis": ("unit_axis", lambda base: _int),
-    "rare-threshold": ("rare_threshold", lambda base: _float),
-    "dormant-tau": ("dormant_tau", lambda base: _float),
-    "gradients": ("gradients", lambda base: _bool),
-    "percentiles": ("percentiles", lambda base: _bool),
-    "stats-kernel": ("stats_kernel", lambda base: _str),
-    "loss": ("loss", lambda base: _str),
-    "fail-on": ("fail_on", lambda base: _rules),
-    "junit": ("junit", _path),
-}
-DIFF_KEYS: dict[str, tuple[str, Callable[[Path], Callable[[Any], Any]]]] = {
-    "format": ("output_format", lambda base: _format),
-    "fail-on": ("fail_on", lambda base: _rules),
-    "junit": ("junit", _path),
-}
+# config key -> its option; both follow from the declarations in options.py
+ANALYZE_KEYS: dict[str, Option] = {o.key: o for o in ANALYZE_OPTIONS if o.config is not None}
+DIFF_KEYS: dict[str, Option] = {o.key: o for o in ANALYZE_OPTIONS if o.config is not None and o.diff}
+# keys a config file must not set, with the reason (e.g. trust-checkpoint)
+REFUSED_KEYS: dict[str, str] = {o.key: o.not_in_config for o in ANALYZE_OPTIONS if o.not_in_config}
 DIFF_TABLE = "diff"
 
 
@@ -204,20 +115,21 @@ def _mentions_reluscope(pyproject: Path) -> bool:
     return isinstance(tool, dict) and "reluscope" in tool
 
 
-def _convert(path: Path, table: Mapping[str, Any], keys: Mapping[str, tuple[str, Callable[[Path], Callable[[Any], Any]]]],
-             where: str) -> dict[str, Any]:
+def _convert(path: Path, table: Mapping[str, Any], keys: Mapping[str, Option], where: str) -> dict[str, Any]:
     base = path.resolve().parent
     out: dict[str, Any] = {}
     for key, value in table.items():
+        if key in REFUSED_KEYS:
+            raise UsageError(f"config file {path}: unknown key {key!r} in {where}: {REFUSED_KEYS[key]}")
         if key not in keys:
             known = ", ".join(sorted(keys))
             hint = ""
             if key.replace("_", "-") in keys:
                 hint = f" (did you mean {key.replace('_', '-')!r}?)"
             raise UsageError(f"config file {path}: unknown key {key!r} in {where}{hint}. Known keys: {known}")
-        param, factory = keys[key]
+        option = keys[key]
         try:
-            out[param] = factory(base)(value)
+            out[option.name] = option.config(value, base)  # type: ignore[misc]  # keys hold config options only
         except TypeError as exc:
             raise UsageError(f"config file {path}: {where} key {key!r}: {exc}") from exc
     return out
