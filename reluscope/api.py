@@ -6,7 +6,7 @@ import inspect
 import time
 from typing import Any, Callable
 
-from . import __version__
+from ._version import __version__
 from .config import AnalyzeConfig
 from .errors import InputError
 from .report import Report, Thresholds, build_layer, build_summary

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, UsageError, first_line
+from .options import parse_shape  # noqa: F401 - part of this module's API (tests, callers)
 from .files import check_readable_file, unpickling_refused
 
 INPUT_KEYS = ("x", "inputs", "input", "data")
@@ -438,15 +439,3 @@ class _SyntheticStack:
         block = torch.cat([self._chunk(i) for i in range(first, last + 1)])
         offset = first * self.CHUNK
         return block[start - offset:stop - offset]
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError as exc:
-        raise UsageError(f"--input-shape {text!r} must be comma-separated integers, e.g. 3,224,224") from exc
-    if not shape or any(d < 1 for d in shape):
-        raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
-    return shape

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 from .gate import Rule, evaluate_rule, parse_rules, site_metrics, summary_metrics
 from .report import SCHEMA_VERSION

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
+from .errors import UsageError
+
 FORMATS = ("table", "json", "markdown")
 
 
@@ -104,9 +106,20 @@ def _arch(value: Any, base: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- command line and API values
-def _shape_from_text(text: str | None) -> tuple[int, ...] | None:
-    from .data import parse_shape  # numpy and torch: only once an analysis runs
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """`3,224,224` (or `3x224x224`) as a tuple of positive ints."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError as exc:
+        raise UsageError(f"--input-shape {text!r} must be comma-separated integers, e.g. 3,224,224") from exc
+    if not shape or any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
+    return shape
 
+
+def _shape_from_text(text: str | None) -> tuple[int, ...] | None:
     return parse_shape(text)
 
 

@@ -43,6 +43,8 @@ class Measurement:
 class Session(abc.ABC):
     """A model made ready to run with its sites captured; restores what it touched on exit."""
 
+    unanalysed: list[dict[str, str]]  # sites found but not measurable this way: {"name", "reason"}
+
     def __enter__(self) -> "Session":
         return self
 

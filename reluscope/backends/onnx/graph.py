@@ -19,7 +19,7 @@ import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from .. import LoadedModel
+from ..base import LoadedModel
 from ...errors import InputError, first_line
 from ...measure.sites import CHANNEL, LAST, Activation, activation, clamped
 

@@ -15,7 +15,9 @@ from ...measure.recorder import SiteRecorder
 from ...measure.reductions import NonfinitePolicy
 from ...run import Run
 from ..base import Backend, LoadedModel, Measurement
-from .capture import TorchCapture, TorchSession
+from .capture import TorchCapture
+from .session import TorchSession
+from .torchscript import ScriptCapture
 from .devices import prepared_module, resolve_device, to_device
 from .gradients import ParameterGradients, trainable
 from .inputs import input_caster
@@ -100,7 +102,7 @@ class TorchBackend(Backend):
     def _measure_once(self, run: Run, device: torch.device, world: World) -> dict[str, Any] | None:
         gradients = run.config.gradients
         with prepared_module(self.loaded.module, device) as module:
-            session = TorchSession.for_module(module, run.recorder, plan=self.loaded.export_plan)
+            session = _session_for(module, run.recorder, self.loaded.export_plan)
             run.unanalysed.extend(session.unanalysed)
             named = session.named_parameters()
             grad_context = trainable(named) if gradients else contextlib.nullcontext(named)
@@ -136,3 +138,11 @@ def _backward(parameter_grads: ParameterGradients, output: Any, labels: Any, run
         raise ModelRunError(f"the backward pass for --gradients (loss {parameter_grads.loss}) failed on the batch "
                             f"starting at sample {run.samples}: {first_line(exc)}. Check that the labels are class "
                             "indices the model's output has, or choose another --loss") from exc
+
+
+def _session_for(module: torch.nn.Module, recorder: SiteRecorder, plan: list[tuple[str, str]] | None) -> TorchSession:
+    """The capture that reaches `module`'s sites: a graph rewrite for TorchScript (hooks and modes do not
+    reach inside it), a TorchFunctionMode with a module stack otherwise."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return ScriptCapture(module, recorder)
+    return TorchCapture(module, recorder, plan=plan)

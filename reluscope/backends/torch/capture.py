@@ -17,10 +17,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ...measure import sites as table
-from ..base import Session
-from .inputs import expectation
 from ...measure.recorder import SiteRecorder
 from ...measure.sites import CHANNEL, LAST
+from .session import TorchSession
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = tuple(getattr(nn, name) for name in table.ACTIVATION_MODULE_NAMES)
 
@@ -123,32 +122,6 @@ class _ActivationMode(TorchFunctionMode):
             if layout is not None:
                 _tag(out, layout)
         return out
-
-
-class TorchSession(Session):
-    """A torch model with its sites captured: the parameters gradients flow to, and input hints."""
-
-    def __init__(self, model: nn.Module, recorder: SiteRecorder) -> None:
-        self.model = model
-        self.recorder = recorder
-        self.unanalysed: list[dict[str, str]] = []  # sites seen but not measured, with the reason
-
-    @staticmethod
-    def for_module(model: nn.Module, recorder: SiteRecorder,
-                   plan: list[tuple[str, str]] | None = None) -> "TorchSession":
-        """The capture that reaches `model`'s sites: a graph rewrite for TorchScript, a mode otherwise."""
-        if isinstance(model, torch.jit.ScriptModule):
-            from .torchscript import ScriptCapture
-
-            return ScriptCapture(model, recorder)
-        return TorchCapture(model, recorder, plan=plan)
-
-    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """The tensors the forward pass reads, under the model's parameter names."""
-        return list(self.model.named_parameters())
-
-    def input_hint(self, shapes: list[tuple[int, ...]]) -> str | None:
-        return expectation(self.model, shapes)
 
 
 class TorchCapture(TorchSession):

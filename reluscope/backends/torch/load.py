@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError, UnsafeCheckpointError, UsageError, first_line
-from .. import LoadedModel
+from ..base import LoadedModel
 from ...files import unpickling_refused
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")

@@ -19,7 +19,7 @@ from ...errors import InputError
 from ...measure import sites as table
 from ...measure.recorder import SiteRecorder
 from ...measure.sites import CHANNEL, LAST
-from .capture import TorchSession
+from .session import TorchSession
 
 _HIERARCHY_PART = re.compile(r"([^.()]*)\(([^)]*)\)")
 
