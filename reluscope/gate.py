@@ -277,28 +277,3 @@ def evaluate(rules: Iterable[Rule], report: Mapping[str, Any]) -> list[dict[str,
 
 def failed(gates: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [g for g in gates if not g["passed"]]
-
-
-def format_value(value: Any) -> str:
-    """Numbers for people: integers as integers, floats with 4 significant digits."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def describe(gate: Mapping[str, Any], max_offenders: int = 8) -> str:
-    """One line about a gate, e.g. for JUnit messages and --quiet output."""
-    verdict = "passed" if gate["passed"] else "FAILED"
-    text = f"{gate['rule']}: {verdict} (value {format_value(gate.get('value'))})"
-    offenders = gate.get("offenders") or []
-    if offenders:
-        shown = ", ".join(offenders[:max_offenders])
-        more = f" and {len(offenders) - max_offenders} more" if len(offenders) > max_offenders else ""
-        text += f"; offending sites: {shown}{more}"
-    return text
