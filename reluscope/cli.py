@@ -1,4 +1,4 @@
-"""Command line: thin commands -> config -> api -> render -> exit code.
+"""Command line: thin commands -> options -> api -> one emit path (payload, gates, JUnit) -> exit code.
 
 Imports here stay light (typer, rich): `reluscope --help` must not pay for torch.
 Domain errors become one line on stderr and exit code 2; anything else is exit code 3.
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
+from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
 from .options import ANALYZE_OPTIONS, CONFIG_HELP, Option, OutputFormat
 
 app = typer.Typer(
@@ -54,37 +54,6 @@ def _load_settings(config_file: Optional[Path], no_config: bool) -> Any:
             raise UsageError("--config and --no-config exclude each other")
         return Settings()
     return load_settings(config_file)
-
-
-def _show_gates(gates: list[dict[str, Any]], *, on_stdout: bool, quiet: bool, title: str = "gates") -> None:
-    """The gate table: with the payload when that is a table on stdout, else on stderr."""
-    if not gates:
-        return
-    from .present.gates import gate_table
-
-    if on_stdout:
-        Console().print(gate_table(gates, title=title))
-    elif not quiet:
-        err_console.print(gate_table(gates, title=title))
-    else:
-        from .gate import describe, failed
-
-        for gate in failed(gates):
-            err_console.print(f"[bold red]gate failed:[/] {escape(describe(gate))}", highlight=False, soft_wrap=True)
-
-
-def _gate_exit(gates: list[dict[str, Any]]) -> int:
-    from .gate import failed
-
-    return EXIT_GATE_FAILED if failed(gates) else EXIT_OK
-
-
-def _step_summary(markdown_text: str) -> None:
-    from .present.markdown import append_step_summary
-
-    problem = append_step_summary(markdown_text)
-    if problem:
-        err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -158,7 +127,7 @@ def analyze(
     def body() -> int:
         from .config import AnalyzeConfig
         from .gate import evaluate, parse_rules
-        from .output import check_writable, emit
+        from .output import check_writable
 
         opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
         fmt = opts["output_format"]
@@ -172,45 +141,11 @@ def analyze(
 
         if not world_from_env().is_main:
             return EXIT_OK  # under torchrun, rank 0 alone reports; the others only measured their shard
-        report.gates = evaluate(rules, report.to_dict())  # before writing: -o FILE holds the gates
+        from .present.emit import emit_document
+
         payload = report.to_dict()
-        for warning in report.warnings:
-            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-        if fmt is OutputFormat.json:
-            emit(report.to_json(), output)
-        elif fmt is OutputFormat.markdown:
-            from .present.markdown import report_markdown
-
-            text = report_markdown(payload)
-            emit(text, output)
-            _step_summary(text)
-        elif output is None:
-            from .present.table import print_table
-
-            print_table(payload)
-        else:
-            from .present.table import render_table
-            from .present.table import render_text
-            from .present.gates import gate_table
-
-            text = render_table(payload)
-            if report.gates:
-                text = text.rstrip("\n") + "\n" + render_text(gate_table(report.gates))
-            emit(text, output)
-        if output is not None and not quiet:
-            from .present.table import summary_text
-
-            err_console.print(summary_text(payload))
-            err_console.print(f"report written to {output}", style="dim")
-        _show_gates(report.gates, on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
-        if opts["junit"] is not None:
-            from .present.junit import write_junit
-
-            write_junit(opts["junit"], report.gates, properties={
-                "model": payload["model"].get("path"), "format": payload["model"].get("format"),
-                "sha256": payload["model"].get("sha256"), "samples": payload["data"].get("samples")},
-                seconds=float(payload["run"].get("seconds") or 0.0))
-        return _gate_exit(report.gates)
+        payload["gates"] = evaluate(rules, payload)  # before writing: -o FILE holds the gates
+        return emit_document(payload, fmt, output=output, junit=opts["junit"], quiet=quiet, err=err_console)
 
     run_guarded(body, debug)
 
@@ -264,7 +199,7 @@ def diff_command(
     def body() -> int:
         from .diff import default_rules, diff_reports, gate_diff, load_report
         from .gate import parse_rules
-        from .output import check_writable, emit
+        from .output import check_writable
 
         settings = _load_settings(config_file, no_config)
         opts = _with_settings(ctx, given, settings.diff)
@@ -277,32 +212,9 @@ def diff_command(
                 check_writable(target)
         document = diff_reports(load_report(base), load_report(new), base_path=base, new_path=new)
         document["gates"] = gate_diff(default_rules(document) if use_default else rules, document)
-        if fmt is OutputFormat.json:
-            import json
+        from .present.emit import emit_document
 
-            emit(json.dumps(document, indent=2, allow_nan=False), output)
-        elif fmt is OutputFormat.markdown:
-            from .present.markdown import diff_markdown
-
-            text = diff_markdown(document)
-            emit(text, output)
-            _step_summary(text)
-        else:
-            from .present.table import render_text
-            from .present.gates import diff_renderable, gate_table
-
-            if output is None:
-                Console().print(diff_renderable(document))
-            else:
-                parts = [diff_renderable(document)] + ([gate_table(document["gates"])] if document["gates"] else [])
-                emit(render_text(*parts), output)
-        _show_gates(document["gates"], on_stdout=fmt is OutputFormat.table and output is None, quiet=quiet)
-        if opts["junit"] is not None:
-            from .present.junit import write_junit
-
-            write_junit(opts["junit"], document["gates"], classname="reluscope.diff",
-                        properties={"base": str(base), "new": str(new)})
-        return _gate_exit(document["gates"])
+        return emit_document(document, fmt, output=output, junit=opts["junit"], quiet=quiet, err=err_console)
 
     run_guarded(body, debug)
 

@@ -17,12 +17,12 @@ from typing import Any, Mapping
 from ._version import __version__
 from .errors import InputError
 from .gate import Rule, evaluate_rule, parse_rules, site_metrics, summary_metrics
+from .metrics import change_metrics
 from .report import SCHEMA_VERSION
 
 DEFAULT_RULES = ("delta.dead_units>0", "*:delta.dead_units>0")
 #: Metrics whose change makes a site "changed" (others, such as mean/std, drift with any retraining).
-CHANGE_METRICS = ("dead_units", "rarely_active_units", "dormant_units", "zero_fraction", "min", "max", "nonfinite",
-                  "saturated_fraction", "units")
+CHANGE_METRICS = change_metrics()
 
 
 def _refuse_constant(name: str) -> Any:

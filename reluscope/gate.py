@@ -27,55 +27,25 @@ from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import UsageError
+from .metrics import (SITE, SUMMARY, gate_metrics, hidden_site_fields, nested_site_fields, open_prefixes,
+                      unit_list_fields)
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
 }
 
-#: Per-site metrics (fields of `layers[]`). Unit lists count their units.
-SITE_METRICS: dict[str, str] = {
-    "dead_fraction": "share of the site's units that are dead (0..1)",
-    "dead_units": "number of dead units",
-    "zero_fraction": "share of outputs that are not active (0..1)",
-    "rarely_active_fraction": "share of units active on fewer than --rare-threshold of outputs (0..1)",
-    "rarely_active_units": "number of rarely active units",
-    "dormant_units": "number of tau-dormant units",
-    "saturated_fraction": "share of outputs at the upper bound (bounded ops such as ReLU6 only)",
-    "min": "smallest finite output",
-    "max": "largest finite output",
-    "mean": "mean finite output",
-    "std": "standard deviation of the finite outputs",
-    "nonfinite": "number of NaN/Inf outputs",
-    "units": "number of units",
-    "samples": "samples seen",
-    "gradient.rms": "RMS of the gradient at the site's output (--gradients)",
-    "gradient.zero_fraction": "share of exactly-zero gradient elements (--gradients)",
-    "percentiles.p99": "99th percentile of the outputs (when percentiles are measured; also p1, p50, p99.9)",
-}
-
-#: Model-wide metrics (fields of `summary`, plus `gradient_flow.X`).
-SUMMARY_METRICS: dict[str, str] = {
-    "dead_fraction": "share of all units that are dead",
-    "dead_units": "dead units in the whole model",
-    "rarely_active_fraction": "share of all units that are rarely active",
-    "rarely_active_units": "rarely active units in the whole model",
-    "dormant_units": "tau-dormant units in the whole model",
-    "mean_zero_fraction": "mean over sites of zero_fraction",
-    "nonfinite": "NaN/Inf outputs in the whole model",
-    "units": "units in the whole model",
-    "layers": "number of activation sites",
-    "gradient_flow.nonfinite": "NaN/Inf gradient elements (--gradients)",
-    "gradient_flow.first_to_last_ratio": "first/last weighted layer gradient-norm ratio (--gradients)",
-    "gradient_flow.loss_mean": "mean loss over the batches (--gradients)",
-}
+#: Per-site metrics (fields of `layers[]`) and model-wide ones (fields of `summary`, plus
+#: `gradient_flow.X`), name -> help, from the catalogue. Unit lists count their units.
+SITE_METRICS: dict[str, str] = gate_metrics(SITE)
+SUMMARY_METRICS: dict[str, str] = gate_metrics(SUMMARY)
 
 DIFF_PREFIXES = ("delta", "base", "new")
 #: Open namespaces: any field below these is accepted at parse time and checked against the report.
-_OPEN_SITE = ("gradient.", "percentiles.")
-_OPEN_SUMMARY = ("gradient_flow.",)
-_NESTED_SITE = ("gradient", "percentiles")  # layer fields holding {name: number}, flattened to `field.name`
-_LIST_COUNTS = ("dead_units", "rarely_active_units", "dormant_units")
-_SKIP_SITE_FIELDS = {"unit_axis"}
+_OPEN_SITE = open_prefixes(SITE)
+_OPEN_SUMMARY = open_prefixes(SUMMARY)
+_NESTED_SITE = nested_site_fields()  # layer fields holding {name: number}, flattened to `field.name`
+_LIST_COUNTS = unit_list_fields()
+_SKIP_SITE_FIELDS = hidden_site_fields()
 
 GRAMMAR = "[SCOPE:]METRIC OP NUMBER, OP one of > >= < <= == !="
 EXAMPLES = "dead_fraction>0.05   'features.*:dead_fraction>0.2'   'conv2*:dead_units>1'   '*:max>=6'"
@@ -307,28 +277,3 @@ def evaluate(rules: Iterable[Rule], report: Mapping[str, Any]) -> list[dict[str,
 
 def failed(gates: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [g for g in gates if not g["passed"]]
-
-
-def format_value(value: Any) -> str:
-    """Numbers for people: integers as integers, floats with 4 significant digits."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def describe(gate: Mapping[str, Any], max_offenders: int = 8) -> str:
-    """One line about a gate, e.g. for JUnit messages and --quiet output."""
-    verdict = "passed" if gate["passed"] else "FAILED"
-    text = f"{gate['rule']}: {verdict} (value {format_value(gate.get('value'))})"
-    offenders = gate.get("offenders") or []
-    if offenders:
-        shown = ", ".join(offenders[:max_offenders])
-        more = f" and {len(offenders) - max_offenders} more" if len(offenders) > max_offenders else ""
-        text += f"; offending sites: {shown}{more}"
-    return text

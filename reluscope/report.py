@@ -1,7 +1,9 @@
-"""The versioned report: built once from the accumulated statistics, then only read.
+"""The versioned report, built once from the accumulated statistics.
 
 The dictionary layout is the JSON contract of DESIGN.md (`schema_version` 1; additive
-changes keep the version). Everything in it is plain JSON data: no NaN, no tensors.
+changes keep the version); its fields, their order and the summary totals come from the
+catalogue in metrics.py. Everything in it is plain JSON data: no NaN, no tensors. `gates`
+starts empty: the CLI evaluates its --fail-on rules into the payload it writes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .measure.sites import SiteInfo
+from .metrics import SITE_FIELDS, ordered, summarise
 
 SCHEMA_VERSION = 1
 
@@ -44,11 +47,11 @@ def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *,
         dormant = [u for u, m in enumerate(unit_means) if m <= thresholds.dormant_tau * site_mean]
     mean = host["sum"] / finite_count if finite_count else 0.0
     var = max(host["sumsq"] / finite_count - mean * mean, 0.0) if finite_count else 0.0
-    return {
+    return ordered(SITE_FIELDS, {
         "name": info.name,
         "op": info.op,
-        **({"tensor": info.tensor} if info.tensor is not None else {}),
-        **({"module": info.module} if info.module is not None else {}),
+        "tensor": info.tensor,
+        "module": info.module,
         "shape": list(info.shape),
         "unit_axis": info.unit_axis,
         "units": units,
@@ -65,26 +68,13 @@ def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *,
         "std": math.sqrt(var),
         "nonfinite": host["nonfinite"],
         "saturated_fraction": host["saturated"] / elements if upper is not None and elements else None,
-        **({"percentiles": host["percentiles"]} if host.get("percentiles") is not None else {}),
-    }
+        "percentiles": host.get("percentiles"),
+    })
 
 
 def build_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    units = sum(layer["units"] for layer in layers)
-    dead = sum(len(layer["dead_units"]) for layer in layers)
-    rare = sum(len(layer["rarely_active_units"]) for layer in layers)
-    dormant = sum(len(layer["dormant_units"]) for layer in layers)
-    return {
-        "layers": len(layers),
-        "units": units,
-        "dead_units": dead,
-        "dead_fraction": dead / units if units else 0.0,
-        "rarely_active_units": rare,
-        "rarely_active_fraction": rare / units if units else 0.0,
-        "dormant_units": dormant,
-        "mean_zero_fraction": sum(layer["zero_fraction"] for layer in layers) / len(layers) if layers else 0.0,
-        "nonfinite": sum(layer["nonfinite"] for layer in layers),
-    }
+    """The `summary` object: the catalogue's model-wide totals over `layers`."""
+    return summarise(layers)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .metrics import SITE_FIELDS, SUMMARY_FIELDS, Metric
 from .report import SCHEMA_VERSION
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -32,6 +33,43 @@ _NONNEG = {"type": "number", "minimum": 0}
 _TEXT = {"type": "string"}
 _NAME = {"type": "string", "minLength": 1}
 
+_KIND: dict[str, dict[str, Any]] = {
+    "name": _NAME,
+    "text": _TEXT,
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "index": {"type": "integer", "minimum": 0},
+    "count": _COUNT,
+    "fraction": _FRACTION,
+    "number": _NUMBER,
+    "nonneg": _NONNEG,
+    "unit_list": {"$ref": "#/$defs/unit_list"},
+    "numbers": {"type": "object", "additionalProperties": _NUMBER},
+}
+def _property(metric: Metric) -> dict[str, Any]:
+    """The schema of one catalogue field."""
+    if metric.kind == "object":
+        return {"$ref": f"#/$defs/{metric.name}"}
+    schema = _KIND[metric.kind]
+    if metric.nullable:
+        schema = _nullable(schema)
+    return {"description": metric.description, **schema} if metric.description else schema
+
+
+def _object(fields: tuple[Metric, ...], description: str | None = None) -> dict[str, Any]:
+    """An object schema: every catalogue field its property, the required ones listed."""
+    return {
+        **({"description": description} if description else {}),
+        "type": "object",
+        "required": [m.name for m in fields if m.required],
+        "properties": {m.name: _property(m) for m in fields},
+    }
+
+
+def _nested_defs(fields: tuple[Metric, ...]) -> dict[str, Any]:
+    """A `$defs` entry for each `object` field, from its members."""
+    return {m.name: _object(m.members, m.description) for m in fields if m.kind == "object"}
+
+
 _DEFS: dict[str, Any] = {
     "count": _COUNT,
     "fraction": _FRACTION,
@@ -51,61 +89,9 @@ _DEFS: dict[str, Any] = {
             "value": _nullable(_NUMBER),
         },
     },
-    "gradient": {
-        "description": "Gradient at the site's output (present when --gradients ran).",
-        "type": "object",
-        "required": ["rms", "zero_fraction"],
-        "properties": {"rms": _nullable(_NONNEG), "zero_fraction": _nullable(_FRACTION)},
-    },
-    "layer": {
-        "description": "One activation site: one call of a ReLU-family activation.",
-        "type": "object",
-        "required": ["name", "op", "shape", "unit_axis", "units", "samples", "zero_fraction", "dead_units",
-                     "dead_fraction", "rarely_active_units", "rarely_active_fraction", "dormant_units", "min", "max",
-                     "mean", "std", "nonfinite", "saturated_fraction"],
-        "properties": {
-            "name": _NAME,
-            "op": _NAME,
-            "tensor": {"description": "ONNX: the site's output tensor.", **_TEXT},
-            "shape": {"description": "Per-sample shape (batch axis dropped).", "type": "array",
-                      "items": {"type": "integer", "minimum": 0}},
-            "unit_axis": {"description": "Index into `shape` of the unit axis.", "type": "integer", "minimum": 0},
-            "units": _COUNT,
-            "samples": _COUNT,
-            "zero_fraction": _FRACTION,
-            "dead_units": {"$ref": "#/$defs/unit_list"},
-            "dead_fraction": _FRACTION,
-            "rarely_active_units": {"$ref": "#/$defs/unit_list"},
-            "rarely_active_fraction": _FRACTION,
-            "dormant_units": {"$ref": "#/$defs/unit_list"},
-            "min": {"description": "Smallest finite output; null when there was none.", **_nullable(_NUMBER)},
-            "max": {"description": "Largest finite output; null when there was none.", **_nullable(_NUMBER)},
-            "mean": _NUMBER,
-            "std": _NONNEG,
-            "nonfinite": _COUNT,
-            "saturated_fraction": {"description": "Share at the upper bound; null for unbounded ops.",
-                                   **_nullable(_FRACTION)},
-            "gradient": {"$ref": "#/$defs/gradient"},
-            "percentiles": {"description": "Output percentiles by name (p1, p50, p99, p99.9), when measured.",
-                            "type": "object", "additionalProperties": _NUMBER},
-        },
-    },
-    "summary": {
-        "type": "object",
-        "required": ["layers", "units", "dead_units", "dead_fraction", "rarely_active_units",
-                     "rarely_active_fraction", "dormant_units", "mean_zero_fraction", "nonfinite"],
-        "properties": {
-            "layers": _COUNT,
-            "units": _COUNT,
-            "dead_units": {"description": "A count (layers[].dead_units are index lists).", **_COUNT},
-            "dead_fraction": _FRACTION,
-            "rarely_active_units": _COUNT,
-            "rarely_active_fraction": _FRACTION,
-            "dormant_units": _COUNT,
-            "mean_zero_fraction": _FRACTION,
-            "nonfinite": _COUNT,
-        },
-    },
+    **_nested_defs(SITE_FIELDS),
+    "layer": _object(SITE_FIELDS, "One activation site: one call of a ReLU-family activation."),
+    "summary": _object(SUMMARY_FIELDS),
     "parameter_gradient": {
         "type": "object",
         "required": ["name", "grad_norm", "weight_norm", "ratio"],

@@ -1,4 +1,4 @@
-"""JUnit XML for gate results: one test case per --fail-on rule, a `<failure>` for each failed one.
+"""The JUnit format, for gate results: one test case per --fail-on rule, a `<failure>` for each failed one.
 
 The layout is the common denominator that GitHub (test-reporter actions), GitLab, Jenkins and
 Azure read: `<testsuites>` > `<testsuite>` > `<testcase classname name time>` > `<failure>`.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..gate import describe, format_value
-from ..output import write_atomic
+from .cells import is_diff
+from .cells import describe, format_value
 
 
 def junit_xml(gates: Iterable[Mapping[str, Any]], *, suite: str = "reluscope", classname: str = "reluscope.gates",
@@ -50,5 +49,24 @@ def junit_xml(gates: Iterable[Mapping[str, Any]], *, suite: str = "reluscope", c
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def write_junit(path: Path, gates: Iterable[Mapping[str, Any]], **kwargs: Any) -> None:
-    write_atomic(path, junit_xml(gates, **kwargs))
+class JUnitFormat:
+    """JUnit XML of a document's gates (`--junit FILE`): a report's cases carry the model's
+    identity as properties, a diff's the two report paths."""
+
+    terminal = False
+    step_summary = False
+
+    def render(self, document: Mapping[str, Any]) -> str:
+        gates = document.get("gates") or []
+        if is_diff(document):
+            return junit_xml(gates, classname="reluscope.diff",
+                             properties={"base": document["base"]["path"], "new": document["new"]["path"]})
+        model, data = document.get("model") or {}, document.get("data") or {}
+        return junit_xml(gates, properties={"model": model.get("path"), "format": model.get("format"),
+                                            "sha256": model.get("sha256"), "samples": data.get("samples")},
+                         seconds=float((document.get("run") or {}).get("seconds") or 0.0))
+
+    def print(self, document: Mapping[str, Any]) -> None:
+        from ..output import emit
+
+        emit(self.render(document), None)

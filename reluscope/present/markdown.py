@@ -1,7 +1,8 @@
-"""Markdown for pull-request comments and CI step summaries (GitHub-flavoured tables).
+"""The markdown format, for pull-request comments and CI step summaries (GitHub-flavoured tables).
 
 `--format markdown` prints it; when the `GITHUB_STEP_SUMMARY` environment variable names a file
-(as it does inside GitHub Actions), the same text is appended there too.
+(as it does inside GitHub Actions), the same text is appended there too. The sites table has
+the table format's columns (present/cells.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..gate import format_value
+from .cells import is_diff
+from .cells import arrow, format_value, gates_verdict, offender_list, shown_as, signed, site_columns, worst_first
 
 MAX_ROWS = 50
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
@@ -30,38 +32,38 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _units(count: int, total: int) -> str:
-    if not count:
-        return "0"
-    return f"{count} ({100 * count / total:.0f}%)" if total else str(count)
-
-
 def _table(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
 
 
-def gates_markdown(gates: Sequence[Mapping[str, Any]], max_offenders: int = 6) -> list[str]:
+def gates_markdown(gates: Sequence[Mapping[str, Any]]) -> list[str]:
     if not gates:
         return []
     rows = []
     for gate in gates:
-        offenders = gate.get("offenders") or []
-        shown = ", ".join(_code(o) for o in offenders[:max_offenders])
-        if len(offenders) > max_offenders:
-            shown += f" and {len(offenders) - max_offenders} more"
         verdict = "✅ pass" if gate["passed"] else "❌ **fail**"
-        rows.append([verdict, _code(gate["rule"]), format_value(gate.get("value")), shown])
-    failed = sum(1 for g in gates if not g["passed"])
-    verdict_line = (f"**{failed} of {len(gates)} gates failed.**" if failed
-                    else f"All {len(gates)} gates passed.")
+        rows.append([verdict, _code(gate["rule"]), format_value(gate.get("value")),
+                     offender_list(gate.get("offenders") or [], show=_code)])
+    failed, total = gates_verdict(gates)
+    verdict_line = f"**{failed} of {total} gates failed.**" if failed else f"All {total} gates passed."
     return ["#### Gates", "", *_table(["result", "rule", "value", "offending sites"], ["---", "---", "--:", "---"],
                                       rows), "", verdict_line]
 
 
-def _rank(layer: Mapping[str, Any]) -> tuple[float, float]:
-    return (-layer["dead_fraction"], -layer["zero_fraction"])
+def _sites_table(layers: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns = site_columns(layers)
+    header = ["site", "op", *(c.label for c in columns)]
+    align = ["---", "---", *("--:" for _ in columns)]
+    rows = []
+    for layer in layers:
+        row = [_code(layer["name"]), _cell(layer["op"])]
+        for column in columns:
+            text = column.text(layer)
+            row.append(f"**{text}**" if column.alarm(layer) else text)
+        rows.append(row)
+    return _table(header, align, rows)
 
 
 def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
@@ -84,33 +86,7 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     layers = list(report["layers"])
     if layers:
         capped = len(layers) > max_rows
-        shown = sorted(layers, key=_rank)[:max_rows] if capped else layers
-        show_sat = any(l.get("saturated_fraction") is not None for l in shown)
-        show_grad = any("gradient" in l for l in shown)
-        header = ["site", "op", "units", "zero %", "dead", "rarely active"]
-        align = ["---", "---", "--:", "--:", "--:", "--:"]
-        if show_sat:
-            header.append("sat. %")
-            align.append("--:")
-        header += ["min", "max"]
-        align += ["--:", "--:"]
-        if show_grad:
-            header.append("grad rms")
-            align.append("--:")
-        rows = []
-        for layer in shown:
-            units = layer["units"]
-            dead = _units(len(layer["dead_units"]), units)
-            row = [_code(layer["name"]), _cell(layer["op"]), str(units), f"{100 * layer['zero_fraction']:.1f}",
-                   f"**{dead}**" if layer["dead_units"] else dead, _units(len(layer["rarely_active_units"]), units)]
-            if show_sat:
-                sat = layer.get("saturated_fraction")
-                row.append("-" if sat is None else f"{100 * sat:.1f}")
-            row += [format_value(layer.get("min")), format_value(layer.get("max"))]
-            if show_grad:
-                row.append(format_value((layer.get("gradient") or {}).get("rms")))
-            rows.append(row)
-        lines += _table(header, align, rows)
+        lines += _sites_table(worst_first(layers)[:max_rows] if capped else layers)
         if capped:
             lines += ["", f"_Showing the {max_rows} sites with the largest dead share of {len(layers)}; "
                           "the JSON report (`-f json`) has all of them._"]
@@ -131,21 +107,9 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _arrow(base: Any, new: Any, fmt: Any = format_value) -> str:
-    if base is None and new is None:
-        return "-"
-    b, n = fmt(base), fmt(new)
-    return n if b == n else f"{b} → {n}"
-
-
 def _signed(value: float | None, pct: bool = False) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if pct:
-        return f"{100 * value:+.1f} pp"
-    return f"{value:+d}" if isinstance(value, int) else f"{value:+.4g}"
+    text = signed(value, pct)
+    return f"{text} pp" if pct and value else text
 
 
 def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
@@ -154,9 +118,10 @@ def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     base_s, new_s, delta_s = summary["base"], summary["new"], summary["delta"]
     lines = [f"### reluscope diff: {_code(diff['base']['path'])} → {_code(diff['new']['path'])}", ""]
     dead_delta = delta_s.get("dead_units")
-    lines.append(f"**Dead units: {_arrow(base_s.get('dead_units'), new_s.get('dead_units'))}"
-                 f" ({_signed(dead_delta)})**, dead share {_arrow(base_s.get('dead_fraction'), new_s.get('dead_fraction'), _pct)}, "
-                 f"mean zero fraction {_arrow(base_s.get('mean_zero_fraction'), new_s.get('mean_zero_fraction'), _pct)}")
+    lines.append(f"**Dead units: {arrow(base_s.get('dead_units'), new_s.get('dead_units'))}"
+                 f" ({_signed(dead_delta)})**, dead share "
+                 f"{arrow(base_s.get('dead_fraction'), new_s.get('dead_fraction'), _pct)}, "
+                 f"mean zero fraction {arrow(base_s.get('mean_zero_fraction'), new_s.get('mean_zero_fraction'), _pct)}")
     counts = {status: sum(1 for s in diff["sites"] if s["status"] == status)
               for status in ("changed", "unchanged", "added", "removed")}
     lines.append(f"<sub>{counts['changed']} changed · {counts['unchanged']} unchanged · {counts['added']} added · "
@@ -167,15 +132,17 @@ def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
         rows = []
         for site in interesting[:max_rows]:
             b, n, d = site["base"] or {}, site["new"] or {}, site["delta"] or {}
-            dead = _arrow(b.get("dead_units"), n.get("dead_units"))
             newly = site.get("newly_dead") or []
             revived = site.get("revived") or []
             detail = ", ".join(x for x in (f"+{len(newly)} newly dead" if newly else "",
                                            f"{len(revived)} revived" if revived else "") if x)
             rows.append([
-                _code(site["name"]), site["status"], dead, _signed(d.get("dead_units")),
-                _arrow(b.get("zero_fraction"), n.get("zero_fraction"), _pct), _signed(d.get("zero_fraction"), pct=True),
-                _arrow(b.get("min"), n.get("min")), _arrow(b.get("max"), n.get("max")), detail,
+                _code(site["name"]), site["status"], arrow(b.get("dead_units"), n.get("dead_units")),
+                _signed(d.get("dead_units")),
+                arrow(b.get("zero_fraction"), n.get("zero_fraction"), shown_as("zero_fraction")),
+                _signed(d.get("zero_fraction"), pct=True),
+                arrow(b.get("min"), n.get("min"), shown_as("min")), arrow(b.get("max"), n.get("max"), shown_as("max")),
+                detail,
             ])
         lines += _table(["site", "status", "dead", "Δ dead", "zero %", "Δ zero", "min", "max", "unit changes"],
                         ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---"], rows)
@@ -200,3 +167,18 @@ def append_step_summary(text: str, environ: Mapping[str, str] | None = None) -> 
     except OSError as exc:
         return f"could not append to ${STEP_SUMMARY_ENV} ({target}): {exc.strerror or exc}"
     return None
+
+
+class MarkdownFormat:
+    """GitHub-flavoured markdown of a report or a diff, gates included; also appended to the step summary."""
+
+    terminal = False
+    step_summary = True
+
+    def render(self, document: Mapping[str, Any]) -> str:
+        return diff_markdown(document) if is_diff(document) else report_markdown(document)
+
+    def print(self, document: Mapping[str, Any]) -> None:
+        from ..output import emit
+
+        emit(self.render(document), None)

@@ -1,90 +1,40 @@
-"""Rendering a report for people (Rich table) and machines (JSON). No analysis happens here."""
+"""The table format: Rich tables for people, of a report or of a diff. On a terminal it prints
+in colour on stdout; for `-o FILE` the same tables as plain text."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Mapping
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-WORST_SHOWN = 3
+from .cells import is_diff
+from .cells import arrow, shown_as, signed, site_columns, worst_sites
 
 
-def _fmt_range(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-3:
-        return f"{value:.2e}"
-    return f"{value:.4g}"
-
-
-def _units_cell(units: list[int], total: int) -> str:
-    if not units:
-        return "0"
-    return f"{len(units)} ({100 * len(units) / total:.0f}%)" if total else str(len(units))
-
-
-def worst_sites(layers: list[dict[str, Any]], count: int = WORST_SHOWN) -> list[str]:
-    """Sites with the largest dead share (then zero fraction): what a person should look at first."""
-    ranked = sorted((l for l in layers if l["dead_units"]), key=lambda l: (-l["dead_fraction"], -l["zero_fraction"]))
-    return [l["name"] for l in ranked[:count]]
-
-
-def layers_table(report: dict[str, Any]) -> Table:
+def layers_table(report: Mapping[str, Any]) -> Table:
     layers = report["layers"]
     worst = set(worst_sites(layers))
-    show_saturation = any(l.get("saturated_fraction") is not None for l in layers)
-    show_dormant = any(l["dormant_units"] for l in layers)
-    show_gradient = any("gradient" in l for l in layers)
-    show_percentiles = any(l.get("percentiles") for l in layers)
+    columns = site_columns(layers)
     table = Table(title=f"reluscope: {report['model'].get('path') or 'model'}", title_justify="left",
                   show_lines=False, header_style="bold")
     table.add_column("site", no_wrap=True)
     table.add_column("op", no_wrap=True)
-    table.add_column("units", justify="right", no_wrap=True)
-    table.add_column("zero %", justify="right", no_wrap=True)
-    table.add_column("dead", justify="right", no_wrap=True)
-    table.add_column("rarely active", justify="right", no_wrap=True)
-    if show_dormant:
-        table.add_column("dormant", justify="right", no_wrap=True)
-    if show_saturation:
-        table.add_column("sat. %", justify="right", no_wrap=True)
-    table.add_column("min", justify="right", no_wrap=True)
-    table.add_column("max", justify="right", no_wrap=True)
-    if show_percentiles:
-        table.add_column("p50", justify="right", no_wrap=True)
-        table.add_column("p99.9", justify="right", no_wrap=True)
-    if show_gradient:
-        table.add_column("grad rms", justify="right", no_wrap=True)
+    for column in columns:
+        table.add_column(column.label, justify="right", no_wrap=True)
     for layer in layers:
-        units = layer["units"]
-        dead = _units_cell(layer["dead_units"], units)
         style = "bold red" if layer["name"] in worst else ("red" if layer["dead_units"] else None)
-        row = [
-            layer["name"], layer["op"], str(units), f"{100 * layer['zero_fraction']:.1f}",
-            Text(dead, style="red" if layer["dead_units"] else ""),
-            _units_cell(layer["rarely_active_units"], units),
-        ]
-        if show_dormant:
-            row.append(_units_cell(layer["dormant_units"], units))
-        if show_saturation:
-            sat = layer.get("saturated_fraction")
-            row.append("-" if sat is None else f"{100 * sat:.1f}")
-        row += [_fmt_range(layer["min"]), _fmt_range(layer["max"])]
-        if show_percentiles:
-            quantiles = layer.get("percentiles") or {}
-            row += [_fmt_range(quantiles.get("p50")), _fmt_range(quantiles.get("p99.9"))]
-        if show_gradient:
-            row.append(_fmt_range((layer.get("gradient") or {}).get("rms")))
-        table.add_row(*row, style=style)
+        cells: list[Any] = [layer["name"], layer["op"]]
+        for column in columns:
+            text = column.text(layer)
+            cells.append(Text(text, style="red" if column.alarm(layer) else "") if column.metric.alarm else text)
+        table.add_row(*cells, style=style)
     return table
 
 
-def summary_text(report: dict[str, Any]) -> Text:
+def summary_text(report: Mapping[str, Any]) -> Text:
     s = report["summary"]
     text = Text()
     text.append(f"{s['layers']} sites, {s['units']} units: ")
@@ -105,7 +55,7 @@ def summary_text(report: dict[str, Any]) -> Text:
     return text
 
 
-def table_renderable(report: dict[str, Any]) -> Group:
+def table_renderable(report: Mapping[str, Any]) -> Group:
     parts: list[Any] = [layers_table(report), summary_text(report)]
     if report.get("gradient_flow") is not None:
         from .gradients import gradient_renderable
@@ -114,24 +64,9 @@ def table_renderable(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def print_table(report: dict[str, Any]) -> None:
-    """The table on stdout, never squeezed: Rich would cut numbers to "5.…" to fit a narrow (or
-    piped, 80-column) console, so the console widens to the table's natural width instead."""
-    console = Console()
-    natural = natural_width(report)
-    if natural > console.width:
-        console = Console(width=natural)
-    console.print(table_renderable(report))
-
-
-def natural_width(report: dict[str, Any]) -> int:
+def natural_width(report: Mapping[str, Any]) -> int:
     """Columns the layer table needs to show every cell in full."""
     return Console(width=10_000).measure(layers_table(report)).maximum
-
-
-def render_table(report: dict[str, Any]) -> str:
-    """The table as plain text (for -o FILE), as wide as it needs."""
-    return render_text(table_renderable(report), width=max(120, natural_width(report)))
 
 
 def render_text(*renderables: RenderableType, width: int = 120) -> str:
@@ -140,3 +75,92 @@ def render_text(*renderables: RenderableType, width: int = 120) -> str:
     for item in renderables:
         console.print(item)
     return console.export_text(styles=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diff
+
+_STATUS_STYLE = {"changed": "yellow", "unchanged": "dim", "added": "cyan", "removed": "magenta"}
+
+
+def _signed(value: Any, pct: bool = False) -> Text:
+    text = signed(value, pct)
+    if value is None or value == 0:
+        return Text(text, style="dim")
+    return Text(text, style="red" if value > 0 else "green")
+
+
+def diff_table(diff: Mapping[str, Any]) -> Table:
+    table = Table(title=Text(f"reluscope diff: {diff['base']['path']} → {diff['new']['path']}"), title_justify="left",
+                  header_style="bold")
+    table.add_column("site", overflow="fold")
+    table.add_column("status")
+    table.add_column("dead", justify="right")
+    table.add_column("Δ dead", justify="right")
+    table.add_column("zero %", justify="right")
+    table.add_column("Δ zero", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    for site in diff["sites"]:
+        b, n, d = site["base"] or {}, site["new"] or {}, site["delta"] or {}
+        status = site["status"]
+        table.add_row(
+            Text(site["name"]), Text(status, style=_STATUS_STYLE.get(status, "")),
+            arrow(b.get("dead_units"), n.get("dead_units")), _signed(d.get("dead_units")),
+            arrow(b.get("zero_fraction"), n.get("zero_fraction"), shown_as("zero_fraction")),
+            _signed(d.get("zero_fraction"), pct=True),
+            arrow(b.get("min"), n.get("min"), shown_as("min")), arrow(b.get("max"), n.get("max"), shown_as("max")),
+            style="dim" if status == "unchanged" else None,
+        )
+    return table
+
+
+def diff_summary_text(diff: Mapping[str, Any]) -> Text:
+    base, new, delta = diff["summary"]["base"], diff["summary"]["new"], diff["summary"]["delta"]
+    text = Text("model: ")
+    text.append(f"dead units {arrow(base.get('dead_units'), new.get('dead_units'))} ")
+    text.append_text(Text("(").append_text(_signed(delta.get("dead_units"))).append(")"))
+    text.append(f", mean zero % "
+                f"{arrow(base.get('mean_zero_fraction'), new.get('mean_zero_fraction'), shown_as('zero_fraction'))}")
+    for label, names in (("added", diff["added"]), ("removed", diff["removed"])):
+        if names:
+            text.append(f"\n{label}: ", style="bold")
+            text.append(", ".join(names), style=_STATUS_STYLE[label])
+    return text
+
+
+def diff_renderable(diff: Mapping[str, Any]) -> Group:
+    return Group(diff_table(diff), diff_summary_text(diff))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The format
+
+
+class TableFormat:
+    """Rich tables; the gate table follows the payload (on stdout, or in the file)."""
+
+    terminal = True
+    step_summary = False
+
+    def render(self, document: Mapping[str, Any]) -> str:
+        """Plain text for -o FILE: the payload's tables and, when there are gates, the gate table."""
+        from .gates import gate_table
+
+        gates = [gate_table(document["gates"])] if document.get("gates") else []
+        if is_diff(document):
+            return render_text(diff_renderable(document), *gates)
+        text = render_text(table_renderable(document), width=max(120, natural_width(document)))
+        return text.rstrip("\n") + "\n" + render_text(*gates) if gates else text
+
+    def print(self, document: Mapping[str, Any]) -> None:
+        """The payload on stdout. A report's table is never squeezed: Rich would cut numbers to "5.…"
+        to fit a narrow (or piped, 80-column) console, so the console widens to the table instead."""
+        if is_diff(document):
+            Console().print(diff_renderable(document))
+            return
+        console = Console()
+        natural = natural_width(document)
+        if natural > console.width:
+            console = Console(width=natural)
+        console.print(table_renderable(document))
