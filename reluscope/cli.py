@@ -190,7 +190,7 @@ def analyze(
         from . import data as data_sources
         from .config import AnalyzeConfig
         from .gate import evaluate, parse_rules
-        from .output import check_writable, emit
+        from .output import check_distinct_outputs, check_writable, emit
 
         opts = _with_settings(ctx, given, _load_settings(config_file, no_config).analyze)
         fmt = opts["output_format"]
@@ -204,6 +204,7 @@ def analyze(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
+        check_distinct_outputs({"-o": output, "--junit": opts["junit"]}, {"the model": model, "--data": opts["data"], "--arch": opts["arch"]})
         report = _run_with_progress(model, opts["data"], config, quiet)
         from .distributed import world_from_env
 
@@ -301,7 +302,7 @@ def diff_command(
     def body() -> int:
         from .diff import default_rules, diff_reports, gate_diff, load_report
         from .gate import parse_rules
-        from .output import check_writable, emit
+        from .output import check_distinct_outputs, check_writable, emit
 
         settings = _load_settings(config_file, no_config)
         opts = _with_settings(ctx, given, settings.diff)
@@ -312,6 +313,7 @@ def diff_command(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
+        check_distinct_outputs({"-o": output, "--junit": opts["junit"]}, {"BASE": base, "NEW": new})
         document = diff_reports(load_report(base), load_report(new), base_path=base, new_path=new)
         document["gates"] = gate_diff(default_rules(document) if use_default else rules, document)
         if fmt is OutputFormat.json:
