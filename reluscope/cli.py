@@ -127,7 +127,7 @@ def analyze(
     def body() -> int:
         from .config import AnalyzeConfig
         from .gate import evaluate, parse_rules
-        from .output import check_writable
+        from .output import check_distinct_outputs, check_writable
 
         opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
         fmt = opts["output_format"]
@@ -136,6 +136,8 @@ def analyze(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
+        check_distinct_outputs({"-o": output, "--junit": opts["junit"]},
+                               {"the model": model, "--data": opts["data"], "--arch": opts["arch"]})
         report = _run_with_progress(model, opts["data"], config, quiet)
         from .distributed import world_from_env
 
@@ -199,7 +201,7 @@ def diff_command(
     def body() -> int:
         from .diff import default_rules, diff_reports, gate_diff, load_report
         from .gate import parse_rules
-        from .output import check_writable
+        from .output import check_distinct_outputs, check_writable
 
         settings = _load_settings(config_file, no_config)
         opts = _with_settings(ctx, given, settings.diff)
@@ -210,6 +212,7 @@ def diff_command(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
+        check_distinct_outputs({"-o": output, "--junit": opts["junit"]}, {"BASE": base, "NEW": new})
         document = diff_reports(load_report(base), load_report(new), base_path=base, new_path=new)
         document["gates"] = gate_diff(default_rules(document) if use_default else rules, document)
         from .present.emit import emit_document

@@ -35,7 +35,7 @@ def _analyze(samples_dir: Path, manifest: dict[str, Any], name: str, kind: str, 
     path = samples_dir / entry["files"][kind]
     factory = entry["architecture"].rsplit(":", 1)[1]
     arch = arch_spec(factory) if kind == "state_dict" else None
-    return reluscope.analyze(path, calib, arch=arch, batch_size=100)
+    return reluscope.analyze(path, calib, arch=arch, batch_size=100, trust_checkpoint=kind == "torchscript")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,8 @@ def test_damaged_files_are_input_errors(tmp_path: Path, samples_dir: Path) -> No
         damaged = tmp_path / f"cut_{source}"
         damaged.write_bytes((samples_dir / source).read_bytes()[:300])
         with pytest.raises(InputError):
-            reluscope.analyze(damaged, torch.randn(2, 1, 8, 8), arch=arch_spec("digits_mlp"))
+            reluscope.analyze(damaged, torch.randn(2, 1, 8, 8), arch=arch_spec("digits_mlp"),
+                              trust_checkpoint=source.endswith(".torchscript"))  # damage, not the refusal
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(InputError, match="empty"):

@@ -311,8 +311,10 @@ def test_mutated_model_files_fail_cleanly(data: st.DataObject, name: str, fuzz_d
     report = fuzz_dir / "report.json"
     report.unlink(missing_ok=True)
     factory = "digits_cnn" if "cnn" in name else "digits_mlp"
+    # TorchScript is code and needs --trust-checkpoint; mutations of the sample's own harmless code are fuzzed
+    trust = ["--trust-checkpoint"] if name.endswith(".torchscript") else []
     result = runner.invoke(app, ["analyze", str(path), "--arch", f"{ARCHITECTURES}:{factory}", "--data", str(CALIB),
-                                 "-n", "32", "-b", "32", "-f", "json", "-o", str(report), "-q"],
+                                 "-n", "32", "-b", "32", "-f", "json", "-o", str(report), "-q", *trust],
                            env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert_clean_outcome(result, report, capfd.readouterr().err, f"{name} {kind}")
     if result.exit_code == 0:
@@ -360,12 +362,15 @@ def test_mutated_data_files_fail_cleanly(data: st.DataObject, kind: str, onnx: b
 
 
 def test_the_fuzz_corpus_really_is_pickle_free() -> None:
-    """The mutations start from files that load without --trust-checkpoint, so any refusal of
-    unpickling in the fuzz run comes from damage, not from the originals."""
+    """The mutations start from files that load without --trust-checkpoint (TorchScript, which is
+    code, with it), so any refusal of unpickling in the fuzz run comes from damage, not from the
+    originals."""
     for name in MODEL_FILES:
         factory = "digits_cnn" if "cnn" in name else "digits_mlp"
         arch = f"{ARCHITECTURES}:{factory}" if name.endswith(".pt") else None
-        assert reluscope.analyze(SAMPLES / name, CALIB, arch=arch, max_samples=8).data["samples"] == 8
+        trust = name.endswith(".torchscript")
+        assert reluscope.analyze(SAMPLES / name, CALIB, arch=arch, max_samples=8,
+                                 trust_checkpoint=trust).data["samples"] == 8
     for kind, content in DATA_FILES.items():
         if kind.startswith("pt"):
             torch.load(io.BytesIO(content), weights_only=True)

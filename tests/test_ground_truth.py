@@ -426,7 +426,7 @@ def test_formats_give_the_same_sites(kind: str, zoo_files: dict[str, Path], data
     options: dict[str, Any] = {}
     if kind == "state_dict":
         options["arch"] = f"{zoo_files['arch']}:zoo"
-    if kind == "pickle":
+    if kind in ("pickle", "torchscript"):  # code, not data: only when trusted
         options["trust_checkpoint"] = True
     report = reluscope.analyze(zoo_files[kind], data, batch_size=BATCH, **options)
     assert report.model["format"] == FORMAT_KINDS[kind]
@@ -455,7 +455,7 @@ def test_torchscript_sites_inside_control_flow_are_reported_unanalysed(tmp_path:
 
     path = tmp_path / "branchy.torchscript"
     torch.jit.save(torch.jit.script(Branchy()), path)
-    report = reluscope.analyze(path, torch.randn(8, 4))
+    report = reluscope.analyze(path, torch.randn(8, 4), trust_checkpoint=True)
     assert report.names == ["act"]
     assert [item["name"] for item in report.unanalysed] == ["relu()"]
 
@@ -536,7 +536,7 @@ def test_statistics_are_taken_before_later_in_place_writes(kind: str, tmp_path: 
         target = tmp_path / "m.pt2"
         torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: torch.export.Dim("b")}}),
                           target)
-    report = reluscope.analyze(target, x, batch_size=16)
+    report = reluscope.analyze(target, x, batch_size=16, trust_checkpoint=kind == "torchscript")
     assert report.names == ["relu()", "act"]
     for layer in report.layers:
         out = expected[layer["name"]]

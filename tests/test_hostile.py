@@ -39,6 +39,8 @@ from reluscope.cli import app
 from reluscope.errors import InputError, ModelRunError, UnsafeCheckpointError
 
 from conftest import ARCHITECTURES, CALIB, REPO, SAMPLES, global_hook_state, module_hook_state
+from test_untrusted import (pt2_calling, pt2_with_aotinductor, pt2_with_guard_code, pt2_with_uppercase_opaque,
+                            pt2_writing_a_file, torchscript_with_setstate)
 
 DOCS = REPO / "docs" / "errors.md"
 MARKER = "PWNED"  # the file every payload below would create
@@ -231,6 +233,15 @@ CASES: dict[str, Case] = {
     "output-under-file": Case(_write_blocker),
     "output-is-folder": Case(lambda w: (w / "reports").mkdir()),
     "nan-data": Case(_write_npz("nan.npz", x=_nan_x)),
+    "torchscript-untrusted": Case(torchscript_with_setstate),
+    "pt2-aotinductor": Case(pt2_with_aotinductor),
+    "pt2-opaque-uppercase": Case(pt2_with_uppercase_opaque),
+    "pt2-from-file": Case(pt2_writing_a_file),
+    "pt2-custom-op": Case(pt2_calling("torch.ops.reluscope_evil.run.default")),
+    "pt2-guards-code": Case(pt2_with_guard_code),
+    "output-is-model": Case(_nothing),
+    "junit-is-output": Case(_nothing),
+    "output-symlink": Case(lambda w: os.symlink("old.json", w / "latest.json")),
 }
 
 

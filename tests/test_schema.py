@@ -30,7 +30,7 @@ CASES = {
                                  "--gradients", "-n", "128", "--fail-on", "*:gradient.rms<1e-9"],
     "cnn-export": [str(SAMPLES / "digits_cnn.pt2"), "--data", CALIB],
     "mlp_dead-export": [str(SAMPLES / "digits_mlp_dead.pt2"), "--data", CALIB],
-    "cnn-torchscript": [str(SAMPLES / "digits_cnn.torchscript"), "--data", CALIB],
+    "cnn-torchscript": [str(SAMPLES / "digits_cnn.torchscript"), "--data", CALIB, "--trust-checkpoint"],
     "cnn-synthetic": [str(SAMPLES / "digits_cnn.pt2"), "--input-shape", "1,8,8", "-n", "16"],
     "cnn-onnx": [str(SAMPLES / "digits_cnn.onnx"), "--data", CALIB],
     "mlp_dead-onnx-gradients": [str(SAMPLES / "digits_mlp_dead.onnx"), "--data", CALIB, "--gradients"],

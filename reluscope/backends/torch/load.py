@@ -1,7 +1,11 @@
 """PyTorch formats: state_dict + architecture factory, TorchScript, torch.export, pickled module.
 
-Everything loads with `weights_only=True` unless the user passed --trust-checkpoint: a
-checkpoint that needs pickled code is refused before any of that code can run.
+Without --trust-checkpoint a model file is data, and nothing in it runs:
+- checkpoints load with `weights_only=True`; one that needs pickled code is refused;
+- a torch.export archive (.pt2) is checked before torch reads it (pt2_check.py): only the
+  exported-program layout, raw tensor weights, and a graph of allow-listed pure tensor ops;
+- a TorchScript file is a program (its `__setstate__` runs inside torch.jit.load, its code in the
+  forward pass), so it is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import pickle
 import sys
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -24,13 +27,14 @@ from torch import nn
 from ...errors import InputError, UnsafeCheckpointError, UsageError, first_line
 from ..base import LoadedModel
 from ...files import unpickling_refused
+from .pt2_check import PICKLE_REFUSAL, check_pt2
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
 
 def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: bool) -> LoadedModel:
     if kind == "torchscript":
-        return _load_torchscript(path)
+        return _load_torchscript(path, trust_checkpoint=trust_checkpoint)
     if kind == "torch-export":
         return _load_export(path, trust_checkpoint=trust_checkpoint)
     return _load_checkpoint(path, arch=arch, trust_checkpoint=trust_checkpoint)
@@ -43,7 +47,15 @@ def _damage(exc: BaseException) -> str:
     return detail.rstrip(".:")
 
 
-def _load_torchscript(path: Path) -> LoadedModel:
+_TORCHSCRIPT_REFUSAL = ("refused to load {path}: a TorchScript file is a program, and loading it runs its code "
+                        "(its __setstate__ methods run inside torch.jit.load, its forward can read and write files). "
+                        "Pass --trust-checkpoint only if you trust its source, or export the model with "
+                        "torch.export (.pt2) or to ONNX")
+
+
+def _load_torchscript(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
+    if not trust_checkpoint:
+        raise UnsafeCheckpointError(_TORCHSCRIPT_REFUSAL.format(path=path))
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError for every kind of damage
@@ -52,24 +64,24 @@ def _load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(module, "torchscript")
 
 
-_UNSAFE_REFUSAL = ("refused to load {path}: it holds pickled Python objects beyond weights{what}, and unpickling "
-                   "them runs code from the file. Pass --trust-checkpoint only if you trust its source")
+_UNSAFE_REFUSAL = PICKLE_REFUSAL
 
 
 def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
     from .capture import export_site_plan
 
-    # torch.export.load unpickles parts of the archive with weights_only=False: weights and tensor
-    # constants marked use_pickle, a fallback for sample inputs, and pickle.loads for "opaque"
-    # constants. A crafted .pt2 ran code that way (torch 2.13). Unless trusted, those pickles
-    # are refused: opaque objects by name before loading, every torch.load forced to weights_only.
-    if not trust_checkpoint:
-        _refuse_opaque_objects(path)
+    # torch.export.load runs code from the archive in many ways (pt2_check.py lists them).
+    # Unless trusted, the archive is checked before torch reads it, and every torch.load inside
+    # is forced to weights_only as a second line.
     try:
         with _EXPORT_LOAD_LOCK, _torch_export_logs() as logged, \
                 contextlib.nullcontext() if trust_checkpoint else _weights_only_loads():
+            if not trust_checkpoint:
+                check_pt2(path)
             program = torch.export.load(str(path))
-        module = program.module()
+            module = program.module()
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         if not trust_checkpoint and _is_weights_only_refusal(exc):
             raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (in a torch.export archive)")) from exc
@@ -108,16 +120,8 @@ def _torch_export_logs() -> Iterator[list[logging.LogRecord]]:
 
 
 def _refuse_opaque_objects(path: Path) -> None:
-    from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return  # torch.export.load reports the damage
-    if any(OPAQUE_OBJ_FILENAME_PREFIX in name for name in names):
-        raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (opaque objects in a torch.export "
-                                                                          "archive)"))
+    """Kept for callers of the old name: the whole pre-load check of a .pt2 (pt2_check.py)."""
+    check_pt2(path)
 
 
 # One torch.export.load at a time. It is not thread-safe itself (in torch 2.13 a second load
