@@ -12,7 +12,7 @@ EXIT_INTERNAL = 3
 
 
 class ReluscopeError(Exception):
-    """Base class: a problem the user can act on. `exit_code` follows DESIGN.md."""
+    """Base class: a problem the user can act on. `exit_code` follows the exit-code table in README.md."""
 
     exit_code = EXIT_USAGE
 

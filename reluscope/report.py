@@ -1,6 +1,6 @@
 """The versioned report, built once from the accumulated statistics.
 
-The dictionary layout is the JSON contract of DESIGN.md (`schema_version` 1; additive
+The dictionary layout is the JSON contract (README.md, `reluscope schema`) (`schema_version` 1; additive
 changes keep the version); its fields, their order and the summary totals come from the
 catalogue in metrics.py. Everything in it is plain JSON data: no NaN, no tensors. `gates`
 starts empty: the CLI evaluates its --fail-on rules into the payload it writes.

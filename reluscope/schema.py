@@ -2,7 +2,7 @@
 
 Strict about what is there: every documented field has its type, range and required-ness, so a
 wrong type or a missing key is rejected. Open about what may come: objects accept extra keys,
-because additive changes keep `schema_version` (DESIGN.md) and a dashboard validating with
+because additive changes keep `schema_version` and a dashboard validating with
 this schema must not break on them. A breaking change bumps `schema_version`, which the schema
 pins with `const`.
 """

@@ -21,7 +21,7 @@ from conftest import VENV_BIN, arch_spec
 
 runner = CliRunner()
 
-TOP_LEVEL = {  # DESIGN.md's contract: key -> type
+TOP_LEVEL = {  # the JSON contract: key -> type
     "schema_version": int, "tool": dict, "model": dict, "data": dict, "run": dict, "layers": list, "summary": dict,
     "gates": list,
 }

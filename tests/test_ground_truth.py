@@ -3,7 +3,7 @@ dormant units planted on purpose, analysed through every PyTorch format.
 
 Expected numbers are never taken from reluscope: `reference()` recomputes the model step by
 step with hand-written activation formulas (and is checked against the model's own output),
-and `expected_site()` turns its tensors into statistics with numpy, following DESIGN.md's
+and `expected_site()` turns its tensors into statistics with numpy, following the README's
 definitions. The planted units are checked against that computation too, so the zoo really
 holds exactly the units the test claims it does.
 """
@@ -256,7 +256,7 @@ def build_zoo() -> Zoo:
 
 def expected_site(name: str, pre: torch.Tensor, out: torch.Tensor, rare: float = RARE,
                   tau: float = TAU) -> dict[str, Any]:
-    """A report entry computed from DESIGN.md's definitions with numpy (float64)."""
+    """A report entry computed from the README's definitions with numpy (float64)."""
     _, op, _, shape, axis = SITES[SITE_NAMES.index(name)]
     dim = axis + 1
     y = out.detach().double().numpy()

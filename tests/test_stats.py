@@ -158,6 +158,31 @@ def test_nan_output_is_not_active() -> None:
     assert layer["dead_units"] == [0]  # unit 0 never produced an output > 0
 
 
+@pytest.mark.parametrize("policy", ["check", "masked", "defer"])
+@pytest.mark.parametrize("op", ["relu", "gelu"])
+def test_positive_infinity_is_active(op: str, policy: str) -> None:
+    """+Inf is > 0: a unit whose only positive outputs are +Inf is alive, and counted in `nonfinite`."""
+    from reluscope.measure.reductions import NonfinitePolicy, TorchReduction
+
+    y = torch.tensor([[float("inf"), 0.0, 1.0], [0.0, float("nan"), 2.0], [0.0, 0.0, 3.0]])
+    stats = SiteStats(ACTIVATIONS[op], (3,), 0, torch.device("cpu"),
+                      reduction=TorchReduction(NonfinitePolicy(policy)))
+    stats.update(y)
+    host = stats.to_host()
+    if policy == "defer":  # the fast pass only raises the flag; the run measures again NaN-safely
+        assert bool(stats.poisoned)
+        return
+    assert host["active"] == [1, 0, 3] and host["nonfinite"] == 2
+    layer = build_layer(SiteInfo("s", op, (3,), 0), host, Thresholds(), hard_zero=op == "relu", upper=None)
+    assert layer["dead_units"] == [1]
+
+
+def test_positive_infinity_is_active_through_analyze() -> None:
+    x = torch.tensor([[float("inf"), -1.0], [-1.0, 1.0], [-2.0, 2.0]])
+    layer = reluscope.analyze(nn.Sequential(nn.ReLU()), x).layer("0")
+    assert layer["dead_units"] == [] and layer["nonfinite"] == 1
+
+
 def test_one_nan_does_not_hide_dormant_units() -> None:
     stats = _fresh("gelu", (3,), 0)
     stats.update(torch.tensor([[float("nan"), 1e-5, 1.0], [1.0, 1e-5, 2.0], [2.0, 1e-5, 1.0]]))

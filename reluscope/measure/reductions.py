@@ -146,6 +146,7 @@ class TorchReduction:
         bmin, bmax = torch.aminmax(y)
         bsumsq = torch.linalg.vector_norm(y).double() ** 2
         clean = y
+        counted = y  # what "active" is read from: +Inf is > 0 and active, NaN is not
         if self.nonfinite is NonfinitePolicy.DEFER:
             stats.poisoned |= ~torch.isfinite(bsumsq)
         elif self.nonfinite is NonfinitePolicy.MASKED or not bool(torch.isfinite(bsumsq)):
@@ -154,6 +155,7 @@ class TorchReduction:
             ok = torch.isfinite(y)
             stats.nonfinite += y.numel() - ok.sum()
             clean = torch.where(ok, y, 0.0).double()  # zero is inactive under every definition
+            counted = torch.nan_to_num(y, nan=0.0, posinf=1.0, neginf=0.0)
             bmin = torch.where(ok, y, torch.inf).amin()
             bmax = torch.where(ok, y, -torch.inf).amax()
             bsumsq = torch.linalg.vector_norm(clean) ** 2
@@ -164,7 +166,7 @@ class TorchReduction:
         else:
             # sign() is 1 for active outputs and 0 for zeros: a counting pass that vectorizes
             # far better than count_nonzero over several axes.
-            active = self.buffers.per_unit_sum_of(clean, unit_dim, sign if activation.hard_zero else positive_sign)
+            active = self.buffers.per_unit_sum_of(counted, unit_dim, sign if activation.hard_zero else positive_sign)
         stats.active += active.round().long()
         if stats.abs_sum is not None:
             stats.abs_sum += self.buffers.per_unit_sum_of(clean, unit_dim, absolute)

@@ -31,7 +31,7 @@ class Formatter(Protocol):
 
 
 class JsonFormat:
-    """The JSON payload itself: the report of DESIGN.md, or a diff (see schema.py)."""
+    """The JSON payload itself: the report (`reluscope schema`), or a diff (see schema.py)."""
 
     terminal = False
     step_summary = False

@@ -1,8 +1,8 @@
 """Site statistics in one read of the activation: a Triton kernel for CUDA.
 
 The PyTorch route (`measure.reductions.TorchReduction`) runs about fifteen separate reductions per
-site and batch, each a pass over the activation and a kernel launch; on an H100 three such
-reductions already cost 1.70x a bare ResNet-50 forward. This kernel
+site and batch, each a pass over the activation and a kernel launch; on a GPU, where a forward
+pass is itself bandwidth-bound, each extra pass shows (figures: benchmarks/README.md). This kernel
 reads each element once and folds everything `SiteStats` keeps into its accumulators:
 per-unit active counts and |y| sums, saturated and NaN/Inf counts, min and max over finite
 outputs, and float64 sum and sum of squares. One launch per site and batch; results go
@@ -70,7 +70,7 @@ def _fold(x, valid, active, abs_sum, saturated, nonfinite, low, high, total, squ
     finite = valid & (tl.abs(x) < float("inf"))  # false for NaN too
     nonfinite += (valid & (finite == 0)).to(tl.int32)
     clean = tl.where(finite, x, 0.0)  # zero is inactive under every definition
-    active += (clean > 0).to(tl.int32)
+    active += (valid & (x > 0)).to(tl.int32)  # +Inf is active; NaN > 0 is false
     clean64 = clean.to(tl.float64)
     if HAS_ABS:
         abs_sum += tl.abs(clean64)
