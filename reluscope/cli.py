@@ -126,12 +126,14 @@ def analyze(
 
     def body() -> int:
         from .config import AnalyzeConfig
-        from .gate import evaluate, parse_rules
+        from .gate import evaluate, needs_percentiles, parse_rules
         from .output import check_distinct_outputs, check_writable
 
         opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
         fmt = opts["output_format"]
         rules = parse_rules(opts["fail_on"], gradients=opts["gradients"])  # fail fast, before the analysis
+        if needs_percentiles(rules):
+            opts["percentiles"] = True  # a percentile gate needs what --percentiles measures
         config = AnalyzeConfig.from_cli(opts)
         for target in (output, opts["junit"]):
             if target is not None:

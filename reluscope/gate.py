@@ -104,7 +104,8 @@ def _under(metric: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def is_site_metric(metric: str) -> bool:
-    return metric in SITE_METRICS or _under(metric, _OPEN_SITE)
+    # percentiles are a fixed set (the catalogue lists each); other nested fields stay open
+    return metric in SITE_METRICS or _under(metric, _OPEN_SITE) and not metric.startswith("percentiles.")
 
 
 def is_summary_metric(metric: str) -> bool:
@@ -164,6 +165,11 @@ def parse_rule(text: str, *, diff: bool = False, gradients: bool | None = None) 
 
 def parse_rules(texts: Iterable[str] | None, *, diff: bool = False, gradients: bool | None = None) -> list[Rule]:
     return [parse_rule(t, diff=diff, gradients=gradients) for t in (texts or [])]
+
+
+def needs_percentiles(rules: Iterable[Rule]) -> bool:
+    """Whether a rule reads an output percentile: the analysis must then keep its histogram."""
+    return any(rule.base_metric.startswith("percentiles.") for rule in rules)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,10 +93,12 @@ SITE_FIELDS: tuple[Metric, ...] = (
           label="sat. %", cell="percent", always=False),
     _site("percentiles", "numbers", required=False,
           description="Output percentiles by name (p1, p50, p99, p99.9), when measured.", members=(
-              _site("p50", "number", label="p50", cell="measure", always=False),
-              _site("p99", "number",
-                    "99th percentile of the outputs (when percentiles are measured; also p1, p50, p99.9)"),
-              _site("p99.9", "number", label="p99.9", cell="measure", always=False),
+              _site("p1", "number", "1st percentile of the outputs (turns --percentiles on)"),
+              _site("p50", "number", "median of the outputs (turns --percentiles on)", label="p50", cell="measure",
+                    always=False),
+              _site("p99", "number", "99th percentile of the outputs (turns --percentiles on)"),
+              _site("p99.9", "number", "99.9th percentile of the outputs (turns --percentiles on)", label="p99.9",
+                    cell="measure", always=False),
           )),
     # Added by the backend after build_layer, when --gradients ran.
     _site("gradient", "object", required=False,

@@ -339,3 +339,24 @@ def test_percentile_metrics_with_dotted_names() -> None:
     assert gate == {"rule": "*:percentiles.p99.9>6", "passed": False, "offenders": ["a"], "value": 9.0}
     with pytest.raises(UsageError, match="no site in the report has percentiles.p99"):
         evaluate([parse_rule("percentiles.p99>1")], _report(_layer("a")))
+
+
+def test_a_percentile_rule_turns_percentiles_on(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = run(*CNN_FAST, "--fail-on", "*:percentiles.p99.9>1e6", "--fail-on", "percentiles.p1<0",
+                 "-f", "json", "-o", str(out))
+    assert result.exit_code == 0, result.output  # measured (no "no site has percentiles") and both hold
+    report = json.loads(out.read_text())
+    assert all(set(layer["percentiles"]) == {"p1", "p50", "p99", "p99.9"} for layer in report["layers"])
+    assert [gate["passed"] for gate in report["gates"]] == [True, True]
+    failing = run(*CNN_FAST, "--fail-on", "percentiles.p50>=0", "-q")
+    assert failing.exit_code == 1
+
+
+def test_every_percentile_is_a_listed_metric_and_no_other() -> None:
+    result = run(*CNN_FAST, "--fail-on", "percentiles.p42>1")
+    assert result.exit_code == 2
+    listed = " ".join(result.output.split()).split("Metrics: ", 1)[1]
+    for name in ("percentiles.p1", "percentiles.p50", "percentiles.p99", "percentiles.p99.9"):
+        assert name in listed.split(", ") or name + "," in listed or listed.endswith(name), name
+    assert "unknown metric 'percentiles.p42'" in " ".join(result.output.split())
