@@ -188,7 +188,7 @@ def test_reports_count_what_numpy_counts(x: np.ndarray, batch_size: int, leaky: 
     assert layer["nonfinite"] == int((~finite).sum()) == payload["summary"]["nonfinite"]
     assert layer["samples"] == x.shape[0] and payload["data"]["samples"] == x.shape[0]
     unit_axis = 1 if x.ndim >= 4 else x.ndim - 1  # channels for image-like ranks, else the last axis
-    active = np.moveaxis(finite & (x > 0), unit_axis, 0).reshape(x.shape[unit_axis], -1)
+    active = np.moveaxis(x > 0, unit_axis, 0).reshape(x.shape[unit_axis], -1)  # +Inf is active, NaN not
     assert layer["units"] == x.shape[unit_axis]
     assert layer["zero_fraction"] == pytest.approx(1 - active.mean())
     assert layer["dead_units"] == np.flatnonzero(~active.any(axis=1)).tolist()

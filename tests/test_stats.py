@@ -252,16 +252,16 @@ def test_a_large_activation_is_counted_through_a_buffer_smaller_than_it() -> Non
 # ----------------------------------------------------------------------------- the declared table
 def test_every_declared_state_merges_with_its_operator() -> None:
     """merge() is derived from the table: each state combines with the operator it declares."""
-    from reluscope.measure.accumulators import _COMBINE
+    _COMBINE = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum, "any": torch.logical_or}
 
     left, right = _fresh("gelu", (3,), 0), _fresh("gelu", (3,), 0)
     left.percentiles = right.percentiles = True
     for stats, seed in ((left, 1), (right, 2)):
-        stats._create_states(stats.device, stats.units)
+        stats._create_states(stats.arrays, stats.units)
         generator = torch.Generator().manual_seed(seed)
         for state, value in stats.states():
             fill = torch.randint(0, 100, value.shape, generator=generator)
-            setattr(stats, state.name, fill.to(value.dtype) if state.dtype != torch.bool else fill % 2 == 0)
+            setattr(stats, state.name, fill.to(value.dtype) if state.dtype != "bool" else fill % 2 == 0)
         stats.samples, stats.elements = seed, 10 * seed
     expected = {state.name: _COMBINE[state.merge](getattr(left, state.name), getattr(right, state.name))
                 for state, _ in left.states()}
@@ -279,7 +279,7 @@ def _all_reduce_rank(rank: int, init_file: str, shards: list, results: dict) -> 
     try:
         stats = _fresh("prelu", (3, 2), 0)
         stats.percentiles = True
-        stats._create_states(stats.device, stats.units)
+        stats._create_states(stats.arrays, stats.units)
         for pre in shards[rank]:
             _feed(stats, "prelu", pre)
         stats.all_reduce()
@@ -300,7 +300,7 @@ def test_all_reduce_across_two_processes_equals_one_update_of_the_union(tmp_path
         merged = [dict(results[0]), dict(results[1])]
     union = _fresh("prelu", (3, 2), 0)
     union.percentiles = True
-    union._create_states(union.device, union.units)
+    union._create_states(union.arrays, union.units)
     _feed(union, "prelu", torch.cat([b for shard in shards for b in shard]))
     for host in merged:
         _assert_same(host, union.to_host())

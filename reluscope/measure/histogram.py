@@ -15,8 +15,9 @@ per site and batch, so it is off unless asked for (--percentiles).
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import torch
+import numpy as np
 
 MANTISSA_BITS = 7
 _SHIFT = 23 - MANTISSA_BITS
@@ -30,21 +31,31 @@ def bucket_count(signed: bool) -> int:
     return MAGNITUDE_BUCKETS * (2 if signed else 1)
 
 
+def update(counts: Any, values: Any) -> None:
+    """Add one batch of finite float values (NaN/Inf are left to the nonfinite counter): torch
+    tensors into torch counts on their device, numpy arrays into numpy counts."""
+    if isinstance(counts, np.ndarray):
+        counts += np.bincount(_keys(np.asarray(values, dtype=np.float32).reshape(-1), counts.size, np),
+                              minlength=counts.size)[: counts.size]
+        return
+    import torch
 
-@torch.no_grad()
-def update(counts: torch.Tensor, values: torch.Tensor) -> None:
-    """Add one batch of finite float values (NaN/Inf are left to the nonfinite counter)."""
-    x = values.detach().reshape(-1).float()
-    signed = counts.numel() > MAGNITUDE_BUCKETS
+    with torch.no_grad():
+        x = values.detach().reshape(-1).float()
+        counts += torch.bincount(_keys(x, counts.numel(), torch), minlength=counts.numel())[: counts.numel()]
+
+
+def _keys(x: Any, buckets: int, xp: Any) -> Any:
+    """Bucket index of each float32 value: its bit pattern's top bits (numpy and torch alike)."""
+    signed = buckets > MAGNITUDE_BUCKETS
+    int32 = xp.int32
     if signed:
-        keys = (x.abs().view(torch.int32) >> _SHIFT).clamp_(max=MAGNITUDE_BUCKETS - 1)
+        keys = (abs(x).view(int32) >> _SHIFT).clip(max=MAGNITUDE_BUCKETS - 1)
         # Order buckets by value: negatives (largest magnitude first), then zero and positives.
-        keys = torch.where(x < 0, MAGNITUDE_BUCKETS - 1 - keys, MAGNITUDE_BUCKETS + keys)
-    else:
-        # Non-negative outputs: the bit pattern is the key; -0.0 (sign bit set, a negative int)
-        # clamps into the zero bucket. int32 keys: bincount needs no int64 copy.
-        keys = (x.view(torch.int32) >> _SHIFT).clamp_(0, MAGNITUDE_BUCKETS - 1)
-    counts += torch.bincount(keys, minlength=counts.numel())[: counts.numel()]
+        return xp.where(x < 0, MAGNITUDE_BUCKETS - 1 - keys, MAGNITUDE_BUCKETS + keys)
+    # Non-negative outputs: the bit pattern is the key; -0.0 (sign bit set, a negative int) clamps into
+    # the zero bucket. int32 keys: bincount needs no int64 copy.
+    return (x.view(int32) >> _SHIFT).clip(0, MAGNITUDE_BUCKETS - 1)
 
 
 def _bucket_value(index: int, signed: bool) -> float:
@@ -57,7 +68,7 @@ def _bucket_value(index: int, signed: bool) -> float:
 
 
 def _from_bits(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
 def percentiles(counts: list[int], signed: bool, exclude_nonfinite: bool = True) -> dict[str, float] | None:

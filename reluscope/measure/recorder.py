@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from .sites import Activation, SiteInfo, call_names, resolve_unit_axis
 from .stats import SiteGradStats, SiteStats
@@ -34,7 +34,7 @@ class SiteRecorder:
         self.unit_axis_override = unit_axis
         self.gradients = gradients
         self.percentiles = percentiles
-        # How every site folds a batch (measure.reductions); None: the PyTorch route for the tensor's device
+        # How every site folds a batch; None: the plain route for the tensors' kind (stats.default_reduction)
         self.reduction = reduction
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
@@ -43,7 +43,7 @@ class SiteRecorder:
         """Call counters restart with each forward pass: the k-th call of a module is site k."""
         self._calls.clear()
 
-    def record(self, base: str, activation: Activation, output: torch.Tensor, inp: torch.Tensor | None = None,
+    def record(self, base: str, activation: Activation, output: Any, inp: Any = None,
                layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
                module: str | None = None,
                batched: bool = True) -> None:
@@ -54,13 +54,15 @@ class SiteRecorder:
             shape = tuple(output.shape[1:] if batched else output.shape)
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
-            stats = SiteStats(activation, shape, axis, output.device, percentiles=self.percentiles,
+            # torch tensors are measured on their device; numpy arrays (onnxruntime's) on the host with numpy
+            device = None if isinstance(output, np.ndarray) else output.device
+            stats = SiteStats(activation, shape, axis, device, percentiles=self.percentiles,
                               reduction=self.reduction)
-            grad = SiteGradStats.on(output.device) if self.gradients else None
+            grad = SiteGradStats.on(device) if self.gradients else None
             site = _Site(base, call, activation, stats, tensor, grad, module)
             self._sites[(base, call)] = site
         site.stats.update(output, inp)
-        if site.grad is not None and output.requires_grad:
+        if site.grad is not None and getattr(output, "requires_grad", False):
             # Fires during the backward pass with d(loss)/d(this output); in-place successors
             # do not affect it (the hook binds to the autograd node of this version).
             output.register_hook(site.grad.update)
@@ -80,11 +82,11 @@ class SiteRecorder:
 
     def poisoned(self) -> list[str]:
         """Sites whose deferred statistics saw NaN/Inf (one host read for all of them)."""
+        sites = self.sites()
+        if not sites or isinstance(sites[0][2].poisoned, np.ndarray):
+            return []  # the host route checks every batch: nothing is deferred
         import torch
 
-        sites = self.sites()
-        if not sites:
-            return []
         device = sites[0][2].poisoned.device
         flags = torch.stack([stats.poisoned.to(device) for _, _, stats in sites]).cpu().tolist()
         return [info.name for (info, _, _), flag in zip(sites, flags) if flag]

@@ -8,13 +8,13 @@ module holds the PyTorch route, which runs everywhere; the backend may wrap it i
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import histogram
+from .policy import NonfinitePolicy
 
 if TYPE_CHECKING:
     from .stats import SiteStats
@@ -26,29 +26,6 @@ CHUNK_ELEMENTS = 1 << 20
 CHUNKED_ABOVE = 4 * CHUNK_ELEMENTS
 
 Transform = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-class NonfinitePolicy(enum.Enum):
-    """How NaN/Inf outputs are kept out of the statistics.
-
-    NaN/Inf poison every reduction, and any of them makes the sum of squares non-finite.
-    """
-
-    # Look at each batch's sum of squares and take the NaN-safe path for batches that need it:
-    # a host branch per site and batch, free on the CPU.
-    CHECK = "check"
-    # Take the fast path and raise a device-side flag; the run reads the flags once at the end and,
-    # if any is set, measures again with MASKED. On an accelerator the branch of CHECK would be a
-    # sync per site and batch. Only for data that can be read twice.
-    DEFER = "defer"
-    # The NaN-safe path (float64 sums, masked extremes) on every batch.
-    MASKED = "masked"
-
-    @classmethod
-    def for_device(cls, device: torch.device, replayable: bool = True) -> "NonfinitePolicy":
-        if torch.device(device).type == "cpu":
-            return cls.CHECK
-        return cls.DEFER if replayable else cls.MASKED
 
 
 def per_unit_sum(values: torch.Tensor, unit_dim: int | None) -> torch.Tensor:
@@ -140,6 +117,7 @@ class TorchReduction:
     def with_policy(self, nonfinite: NonfinitePolicy) -> "TorchReduction":
         return TorchReduction(nonfinite, self.buffers)
 
+    @torch.no_grad()
     def update(self, stats: "SiteStats", y: torch.Tensor, inp: torch.Tensor | None, unit_dim: int | None) -> None:
         if y.dtype not in (torch.float32, torch.float64):
             y = y.float()

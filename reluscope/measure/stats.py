@@ -11,45 +11,58 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import torch
-
 from . import histogram
-from .accumulators import Accumulators, State
-from .reductions import NonfinitePolicy, TorchReduction
+from .accumulators import Accumulators, State, arrays_for
+from .policy import NonfinitePolicy
 from .sites import Activation
 
 INF = float("inf")
+
+
+def default_reduction(device: Any) -> Any:
+    """The plain route for `device`: PyTorch reductions (NaN/Inf policy for that device), or numpy
+    on the host (device None)."""
+    if device is None:
+        from .numpy_reduction import NumpyReduction
+
+        return NumpyReduction()
+    from .reductions import TorchReduction
+
+    return TorchReduction(NonfinitePolicy.for_device(device))
 
 
 class SiteStats(Accumulators):
     """Accumulators for one activation site."""
 
     STATES: ClassVar[tuple[State, ...]] = (
-        State("active", torch.int64, "sum", "units"),  # elements in the active region
-        State("abs_sum", torch.float64, "sum", "units",  # |y| sums, for the dormant score
+        State("active", "int64", "sum", "units"),  # elements in the active region
+        State("abs_sum", "float64", "sum", "units",  # |y| sums, for the dormant score
               kept=lambda stats: stats.activation.has_dormant_score),
-        State("saturated", torch.int64, "sum"),  # outputs at the upper bound
-        State("nonfinite", torch.int64, "sum"),  # NaN/Inf outputs
-        State("min", torch.float32, "min", initial=INF),  # over finite outputs
-        State("max", torch.float32, "max", initial=-INF),
-        State("sum", torch.float64, "sum"),  # over finite outputs
-        State("sumsq", torch.float64, "sum"),
-        State("hist", torch.int64, "sum", "buckets", kept=lambda stats: stats.percentiles),  # see histogram.py
-        State("poisoned", torch.bool, "any"),  # a deferred batch held NaN/Inf (NonfinitePolicy.DEFER)
+        State("saturated", "int64", "sum"),  # outputs at the upper bound
+        State("nonfinite", "int64", "sum"),  # NaN/Inf outputs
+        State("min", "float32", "min", initial=INF),  # over finite outputs
+        State("max", "float32", "max", initial=-INF),
+        State("sum", "float64", "sum"),  # over finite outputs
+        State("sumsq", "float64", "sum"),
+        State("hist", "int64", "sum", "buckets", kept=lambda stats: stats.percentiles),  # see histogram.py
+        State("poisoned", "bool", "any"),  # a deferred batch held NaN/Inf (NonfinitePolicy.DEFER)
     )
     COUNTERS: ClassVar[tuple[str, ...]] = ("elements", "samples")
 
-    def __init__(self, activation: Activation, shape: tuple[int, ...], unit_axis: int, device: torch.device, *,
+    def __init__(self, activation: Activation, shape: tuple[int, ...], unit_axis: int, device: Any, *,
                  percentiles: bool = False, reduction: Any = None) -> None:
+        """`device`: where torch tensors are measured; None for numpy arrays on the host."""
         self.activation = activation
         self.shape = tuple(shape)  # per sample (batch axis dropped)
         self.unit_axis = unit_axis  # index into `shape`
-        self.device = torch.device(device)
         self.percentiles = percentiles
         # The route each batch takes: chosen once per run and shared by every site
-        self.reduction = reduction if reduction is not None else \
-            TorchReduction(NonfinitePolicy.for_device(self.device))
-        self._create_states(self.device, self.units)
+        self.reduction = reduction if reduction is not None else default_reduction(device)
+        self._create_states(arrays_for(device), self.units)
+
+    @property
+    def device(self) -> Any:
+        return self.arrays.device
 
     def buckets(self) -> int:
         return histogram.bucket_count(signed=not self.activation.hard_zero)
@@ -58,20 +71,19 @@ class SiteStats(Accumulators):
     def units(self) -> int:
         return self.shape[self.unit_axis] if self.shape else 1
 
-    @torch.no_grad()
-    def update(self, output: torch.Tensor, inp: torch.Tensor | None = None) -> None:
+    def update(self, output: Any, inp: Any = None) -> None:
         """Fold one batch of a site's output (batch axis first) into the accumulators.
 
         `inp` is the activation's input, used only where the definition of "active" needs it
         (PReLU). The tensor is reduced here and not kept: in-place activations hand us an
         object that later ops will overwrite.
         """
-        y = output.detach()
-        if y.dim() == 0:
+        y = output.detach() if hasattr(output, "detach") else output  # a torch tensor, or a numpy array
+        if y.ndim == 0:
             y = y.reshape(1)
-        self.samples += y.shape[0] if y.dim() > len(self.shape) else 1
-        self.elements += y.numel()
-        unit_dim = self.unit_axis + (y.dim() - len(self.shape)) if self.shape else None
+        self.samples += y.shape[0] if y.ndim > len(self.shape) else 1
+        self.elements += math.prod(y.shape)
+        unit_dim = self.unit_axis + (y.ndim - len(self.shape)) if self.shape else None
         self.reduction.update(self, y, inp, unit_dim)
 
     def merge(self, other: Accumulators) -> None:
@@ -90,25 +102,27 @@ class SiteGradStats(Accumulators):
     """RMS and exact-zero share of the gradient with respect to one site's output."""
 
     STATES: ClassVar[tuple[State, ...]] = (
-        State("sumsq", torch.float64, "sum"),
-        State("zeros", torch.int64, "sum"),
+        State("sumsq", "float64", "sum"),
+        State("zeros", "int64", "sum"),
     )
     COUNTERS: ClassVar[tuple[str, ...]] = ("count",)
 
-    def __init__(self, device: torch.device) -> None:
-        self._create_states(torch.device(device))
+    def __init__(self, device: Any) -> None:
+        self._create_states(arrays_for(device))
 
     @classmethod
-    def on(cls, device: torch.device) -> "SiteGradStats":
+    def on(cls, device: Any) -> "SiteGradStats":
         return cls(device)
 
-    @torch.no_grad()
-    def update(self, grad: torch.Tensor | None) -> None:
+    def update(self, grad: Any) -> None:
         if grad is None:  # no gradient reached this output from outside (TorchScript's extra outputs)
             return
-        g = grad.detach()
-        self.sumsq += torch.linalg.vector_norm(g.float()).double() ** 2
-        self.zeros += (g == 0).sum()
+        import torch
+
+        with torch.no_grad():
+            g = grad.detach()
+            self.sumsq += torch.linalg.vector_norm(g.float()).double() ** 2
+            self.zeros += (g == 0).sum()
         self.count += g.numel()
 
     def to_dict(self) -> dict[str, Any]:

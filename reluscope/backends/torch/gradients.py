@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from ...errors import UsageError
-from ...measure.accumulators import Accumulators, State
+from ...measure.accumulators import Accumulators, State, TorchArrays
 
 LOSSES = ("cross-entropy", "predicted-class", "half-squared-norm")
 VANISHING_RATIO = 1e-3
@@ -69,9 +69,9 @@ class ParameterGradients(Accumulators):
     """Per-parameter sums of squared batch-gradient norms, on the model's device."""
 
     STATES: ClassVar[tuple[State, ...]] = (
-        State("sumsq", torch.float64, "sum", "units"),  # one "unit" per parameter tensor
-        State("nonfinite", torch.int64, "sum"),  # non-finite gradient elements
-        State("loss_sum", torch.float64, "sum"),
+        State("sumsq", "float64", "sum", "units"),  # one "unit" per parameter tensor
+        State("nonfinite", "int64", "sum"),  # non-finite gradient elements
+        State("loss_sum", "float64", "sum"),
     )
     COUNTERS: ClassVar[tuple[str, ...]] = ("batches",)
 
@@ -79,7 +79,7 @@ class ParameterGradients(Accumulators):
         self.names = [n for n, _ in named]
         self.tensors = [t for _, t in named]
         self.loss: str | None = None
-        self._create_states(torch.device(device), len(self.names))
+        self._create_states(TorchArrays(device), len(self.names))
 
     @classmethod
     def of(cls, named: list[tuple[str, torch.Tensor]], device: torch.device) -> "ParameterGradients":
