@@ -57,8 +57,6 @@ _PASSTHROUGH = frozenset(
      "ThresholdedRelu", "Sigmoid", "Tanh", "Softplus", "Erf"} | set(_SIMPLE_OPS)
 )
 _LAYOUT_DEPTH = 32
-_CONTROL_FLOW_REASON = ("inside the {attr} subgraph of {op} node {node!r}; onnxruntime returns no tensors from "
-                        "inside control flow")
 
 
 @dataclass(frozen=True)
