@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -42,6 +42,22 @@ class DataSource:
     arrays: tuple[Any, ...] | dict[str, Any] | None = None  # indexable inputs
     labels: Any = None
     iterable: Iterable[Any] | None = None
+    named: dict[str, Any] | None = None  # a mapping's input arrays by name, for models that name their inputs
+    wanted: tuple[str, ...] | None = None  # the model's input names, once known (see select_inputs)
+
+    def select_inputs(self, names: Sequence[str]) -> DataSource:
+        """This source feeding the model's inputs by name: where the data names an array after every one of
+        them, the batches hold exactly those (an `input` key no longer hides a `state`). Data that names
+        some of them but not all is refused, saying which are missing."""
+        names = tuple(names)
+        if self.named is not None and len(self.named) > 1:
+            present = [name for name in names if name in self.named]
+            if present and len(present) < len(names):
+                missing = [name for name in names if name not in self.named]
+                raise InputError(f"the model takes inputs {list(names)}; the data names {sorted(self.named)} but has "
+                                 f"no {' or '.join(repr(m) for m in missing)}; add an array for each input, under its "
+                                 "name (a 0-d array for a scalar input)")
+        return replace(self, wanted=names)
 
     def batches(self, batch_size: int, max_samples: int | None = None,
                 owns: Callable[[int], bool] | None = None) -> Iterator[Batch]:
@@ -50,7 +66,7 @@ class DataSource:
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.iterable is not None:
-            for index, batch in enumerate(_from_iterable(self.iterable, max_samples)):
+            for index, batch in enumerate(_from_iterable(self.iterable, max_samples, self.wanted)):
                 if owns is None or owns(index):
                     yield batch
             return
@@ -61,10 +77,12 @@ class DataSource:
             if owns is not None and not owns(index):
                 continue
             stop = min(start + batch_size, total)
-            if isinstance(self.arrays, dict):
-                inputs: Any = {k: _to_tensor(v[start:stop], k) for k, v in self.arrays.items()}
+            if self.named is not None and self.wanted and all(name in self.named for name in self.wanted):
+                inputs: Any = {k: _to_tensor(_rows(self.named[k], start, stop), k) for k in self.wanted}
+            elif isinstance(self.arrays, dict):
+                inputs = {k: _to_tensor(_rows(v, start, stop), k) for k, v in self.arrays.items()}
             else:
-                inputs = tuple(_to_tensor(a[start:stop], "input") for a in self.arrays or ())
+                inputs = tuple(_to_tensor(_rows(a, start, stop), "input") for a in self.arrays or ())
             labels = None if self.labels is None else _to_tensor(self.labels[start:stop], "labels", keep_int=True)
             yield Batch(inputs, labels, stop - start)
 
@@ -83,6 +101,14 @@ class DataSource:
         if self.samples is None:
             return max_samples
         return self.samples if max_samples is None else min(self.samples, max_samples)
+
+
+def _rows(array: Any, start: int, stop: int) -> Any:
+    """Rows [start:stop] of an input; a 0-d input (a model's scalar input: a sample rate) goes whole into
+    every batch."""
+    if getattr(array, "ndim", 1) == 0:
+        return array.whole() if isinstance(array, NpzMember) else array
+    return array[start:stop]
 
 
 _DTYPE_KINDS = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates",
@@ -107,7 +133,7 @@ def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
             array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.writeable:
             array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.require(array, requirements="C"))  # 0-d stays 0-d (a scalar input)
     if tensor.dtype == torch.float64:
         tensor = tensor.float()  # numpy's default is float64; models are float32
     if tensor.dtype == torch.bool and not keep_int:
@@ -115,8 +141,15 @@ def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
     return tensor
 
 
-def _as_batch(item: Any) -> Batch:
+def _as_batch(item: Any, wanted: tuple[str, ...] | None = None) -> Batch:
     labels = None
+    if isinstance(item, Mapping) and wanted and all(name in item for name in wanted):
+        item = dict(item)
+        key = next((k for k in LABEL_KEYS if k in item and k not in wanted), None)
+        labels = None if key is None else _to_tensor(item[key], "labels", keep_int=True)
+        inputs_by_name = {name: _to_tensor(item[name], name) for name in wanted}
+        first = next((v for v in inputs_by_name.values() if v.dim()), None)
+        return Batch(inputs_by_name, labels, first.shape[0] if first is not None else 1)
     if isinstance(item, Mapping):
         item = dict(item)
         for key in LABEL_KEYS:
@@ -136,7 +169,8 @@ def _as_batch(item: Any) -> Batch:
             inputs = tuple(tensors)
     else:
         inputs = (_to_tensor(item, "input"),)
-    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    first = next((v for v in values if v.dim()), values[0])
     size = first.shape[0] if first.dim() else 1
     return Batch(inputs, labels, size)
 
@@ -146,10 +180,11 @@ def _looks_like_labels(candidate: torch.Tensor, inputs: torch.Tensor) -> bool:
             and candidate.shape[0] == inputs.shape[0])
 
 
-def _from_iterable(iterable: Iterable[Any], max_samples: int | None) -> Iterator[Batch]:
+def _from_iterable(iterable: Iterable[Any], max_samples: int | None,
+                   wanted: tuple[str, ...] | None = None) -> Iterator[Batch]:
     seen = 0
     for item in iterable:
-        batch = _as_batch(item)
+        batch = _as_batch(item, wanted)
         if max_samples is not None and seen + batch.size > max_samples:
             keep = max_samples - seen
             if keep <= 0:
@@ -163,9 +198,9 @@ def _from_iterable(iterable: Iterable[Any], max_samples: int | None) -> Iterator
 
 def _truncate(batch: Batch, keep: int) -> Batch:
     if isinstance(batch.inputs, dict):
-        inputs: Any = {k: v[:keep] for k, v in batch.inputs.items()}
+        inputs: Any = {k: v[:keep] if v.dim() else v for k, v in batch.inputs.items()}
     else:
-        inputs = tuple(v[:keep] for v in batch.inputs)
+        inputs = tuple(v[:keep] if v.dim() else v for v in batch.inputs)
     return Batch(inputs, None if batch.labels is None else batch.labels[:keep], keep)
 
 
@@ -289,6 +324,10 @@ class NpzMember:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def whole(self) -> np.ndarray:
+        """A 0-d member's value."""
+        return self._whole
+
     def __getitem__(self, rows: slice) -> np.ndarray:
         if self._whole is not None:
             return self._whole[rows]
@@ -340,21 +379,24 @@ def _from_mapping(mapping: dict[str, Any], description: str) -> DataSource:
     key = next((k for k in INPUT_KEYS if k in mapping), None)
     arrays: Any = (mapping[key],) if key is not None else (
         (next(iter(mapping.values())),) if len(mapping) == 1 else dict(mapping))
-    first = arrays[0] if isinstance(arrays, tuple) else next(iter(arrays.values()))
-    samples = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
     values = arrays if isinstance(arrays, tuple) else tuple(arrays.values())
-    for value in values:
-        if getattr(value, "ndim", 0) == 0:
-            raise InputError(f"{description}: an input ({type(value).__name__}, shape "
-                             f"{tuple(getattr(value, 'shape', ()))}) has no sample axis; give arrays or tensors with "
-                             "the samples along the first axis")
+    batched = [value for value in values if getattr(value, "ndim", 0) > 0]
+    unbatched = [value for value in values if not hasattr(value, "ndim")]
+    if unbatched or not batched:  # a 0-d array alongside batched ones is a scalar input, fed whole to every batch
+        value = (unbatched or values)[0]
+        raise InputError(f"{description}: an input ({type(value).__name__}, shape "
+                         f"{tuple(getattr(value, 'shape', ()))}) has no sample axis; give arrays or tensors with "
+                         "the samples along the first axis")
+    samples = int(batched[0].shape[0])
+    for value in batched:
         if int(value.shape[0]) != samples:
             raise InputError(f"{description}: input arrays disagree on the number of samples "
                              f"({', '.join(str(tuple(getattr(v, 'shape', ()))) for v in values)})")
     if labels is not None and (getattr(labels, "ndim", 0) == 0 or int(labels.shape[0]) != samples):
         raise InputError(f"{description}: {samples} inputs but labels of shape {tuple(getattr(labels, 'shape', ()))}; "
                          "labels need one entry per sample")
-    return _checked(DataSource(description, False, samples, arrays=arrays, labels=labels))
+    named = {k: v for k, v in mapping.items() if hasattr(v, "ndim")}
+    return _checked(DataSource(description, False, samples, arrays=arrays, labels=labels, named=named or None))
 
 
 def _from_torch_object(obj: Any, description: str) -> DataSource:

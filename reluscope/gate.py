@@ -278,7 +278,36 @@ def evaluate(rules: Iterable[Rule], report: Mapping[str, Any]) -> list[dict[str,
     hint = " (was it made with --gradients?)"
     if isinstance(flow, Mapping) and not flow.get("available", True):
         hint = f" (gradients were not measured: {flow.get('reason') or 'unavailable'})"
-    return [evaluate_rule(rule, sites, summary, gradient_hint=hint) for rule in rules]
+    rules = list(rules)
+    gates = [evaluate_rule(rule, sites, summary, gradient_hint=hint) for rule in rules]
+    incomplete = completeness_gate(rules, report)
+    return gates + ([incomplete] if incomplete is not None else [])
+
+
+def completeness_gate(rules: Sequence[Rule], report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A failing gate entry when the report cannot vouch for its rules, else None.
+
+    A report that measured no site fails any gate (no rule was checked against the model). Sites found but
+    measured though the model ran them (`unanalysed`: inside a loop body, in a layout that cannot be read; not
+    those of If branches no batch took, `reached: false`) fail the gate when a
+    rule reads the model-wide summary or has a scope that matches one of them; rules scoped to measured
+    sites only still decide alone. Like the rules, the entry names the condition that fails."""
+    if not rules:
+        return None
+    # `reached: false`: in an If branch no batch took; nothing ran there to measure
+    missing = [str(item.get("name")) for item in report.get("unanalysed") or []
+               if isinstance(item, Mapping) and item.get("reached", True)]
+    if not report.get("layers"):
+        return {"rule": "measured sites == 0", "passed": False, "offenders": missing, "value": 0,
+                "reason": "the report measured no activation site, so no rule was checked against the model"
+                          + (f"; {len(missing)} found could not be measured (see unanalysed)" if missing else "")}
+    affected = [rule.text for rule in rules
+                if rule.scope is None or any(fnmatchcase(name, rule.scope) for name in missing)]
+    if missing and affected:
+        return {"rule": "unanalysed sites > 0", "passed": False, "offenders": missing, "value": len(missing),
+                "reason": f"{len(missing)} site(s) found in the model were not measured (see unanalysed), and "
+                          f"{', '.join(affected)} would read them"}
+    return None
 
 
 def failed(gates: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

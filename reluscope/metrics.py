@@ -65,8 +65,11 @@ SITE_FIELDS: tuple[Metric, ...] = (
     _site("name", "name"),
     _site("op", "name"),
     _site("tensor", "text", required=False, description="ONNX: the site's output tensor."),
+    _site("node", "text", required=False,
+          description="ONNX: the node computing the site (the last node of a decomposed activation); `name` is "
+                      "the PyTorch site name where the exporter recorded the module path, else this."),
     _site("module", "text", required=False,
-          description="ONNX: the PyTorch site name, when the exporter recorded it."),
+          description="ONNX: the PyTorch site name, where the exporter recorded the module path."),
     _site("shape", "shape", description="Per-sample shape (batch axis dropped)."),
     _site("unit_axis", "index", description="Index into `shape` of the unit axis."),
     _site("units", "count", "number of units", changes=True, label="units", cell="count"),

@@ -175,10 +175,16 @@ def report_schema() -> dict[str, Any]:
             "summary": {"$ref": "#/$defs/summary"},
             "warnings": {"type": "array", "items": _TEXT},
             "unanalysed": {
-                "description": "Sites found in the model but not measured, with the reason.",
+                "description": "Sites found in the model but not measured, with the reason. A report with "
+                               "any (but those with `reached: false`) is incomplete: --fail-on rules that would read them fail (gate "
+                               "`unanalysed sites > 0`), and a report with no measured site fails every gate "
+                               "(`measured sites == 0`).",
                 "type": "array",
                 "items": {"type": "object", "required": ["name", "reason"],
-                          "properties": {"name": _TEXT, "reason": _TEXT}},
+                          "properties": {"name": _TEXT, "reason": _TEXT,
+                                         "reached": {"description": "false: inside an If branch that no batch "
+                                                     "took; such sites do not make the report incomplete",
+                                                     "type": "boolean"}}},
             },
             "gradient_flow": {"$ref": "#/$defs/gradient_flow"},
             "gates": {"type": "array", "items": {"$ref": "#/$defs/gate"}},

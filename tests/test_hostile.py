@@ -190,6 +190,19 @@ def _nothing(work: Path) -> None:
     pass
 
 
+def _write_two_input_onnx(work: Path) -> None:
+    """A graph taking `input` and `state` (as recurrent models do), and data that names `input` and `h` only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["input", "state"], ["s"]), helper.make_node("Relu", ["s"], ["y"])],
+                              "two_inputs", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4])
+                                             for n in ("input", "state")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "two_inputs.onnx")
+    np.savez(work / "no_state.npz", input=np.zeros((10, 4), np.float32), h=np.zeros((10, 4), np.float32))
+
+
 @dataclass(frozen=True)
 class Case:
     setup: Callable[[Path], None]
@@ -242,6 +255,7 @@ CASES: dict[str, Case] = {
     "output-is-model": Case(_nothing),
     "junit-is-output": Case(_nothing),
     "output-symlink": Case(lambda w: os.symlink("old.json", w / "latest.json")),
+    "onnx-missing-input": Case(_write_two_input_onnx),
 }
 
 

@@ -151,8 +151,10 @@ def test_decomposed_activations_of_the_torchscript_exporter(zoo: tuple[nn.Module
     ops = {node.op_type for node in onnx.load(path).graph.node}
     assert {"Erf", "HardSigmoid", "Softplus"} <= ops and not {"Gelu", "HardSwish", "Mish"} & ops
     ours = reluscope.analyze(path, x, batch_size=8)
-    assert_parity(reluscope.analyze(model, x, batch_size=8), ours)
-    assert ours.layers[0]["name"] == "/Relu"
+    theirs = reluscope.analyze(model, x, batch_size=8)
+    assert_parity(theirs, ours)
+    assert ours.names == theirs.names  # from the exporter's scoped node names
+    assert ours.layers[0]["node"] == "/Relu"
 
 
 def test_unit_axis_override_matches_the_torch_path(zoo: tuple[nn.Module, Path, torch.Tensor]) -> None:
@@ -395,7 +397,8 @@ def test_old_style_model_with_fixed_batch_and_padding(tmp_path: Path) -> None:
     assert 4 in report.layers[1]["dead_units"]
 
 
-def test_relu_inside_if_is_listed_not_dropped(tmp_path: Path) -> None:
+def test_relu_inside_if_is_measured_when_its_branch_runs(tmp_path: Path) -> None:
+    """The condition depends on the data: the then-branch's Relu is measured on the batches that take it."""
     def branch(name: str, op: str) -> onnx.GraphProto:
         return helper.make_graph([helper.make_node(op, ["r"], [f"{name}_out"], name=f"{name}_{op.lower()}")], name, [],
                                  [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, 4])])
@@ -413,11 +416,20 @@ def test_relu_inside_if_is_listed_not_dropped(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "if.onnx"
     onnx.save(model, path)
-    report = reluscope.analyze(path, np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
-    assert report.names == ["outer_relu"]
-    assert len(report.unanalysed) == 1
-    entry = report.unanalysed[0]
-    assert entry["name"] == "then_relu" and "If" in entry["reason"] and "gate" in entry["reason"]
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    x[:3] = -np.abs(x[:3])  # the first batch takes the else branch, the second the then branch
+    report = reluscope.analyze(path, x, batch_size=3)
+    assert report.names == ["outer_relu", "then_relu"] and not report.unanalysed
+    then = report.layer("then_relu")
+    r = np.maximum(x[3:], 0)
+    assert then["samples"] == 3 and then["zero_fraction"] == pytest.approx(1 - np.count_nonzero(r) / r.size)
+    assert then["max"] == pytest.approx(float(r.max()))
+    never = reluscope.analyze(path, x[:3])  # only the else branch runs: listed, not dropped
+    assert never.names == ["outer_relu"]
+    assert [(item["name"], item["op"]) for item in never.unanalysed] == [("then_relu", "relu")]
+    assert "then_branch of If node 'gate'" in never.unanalysed[0]["reason"] and "never ran" in never.unanalysed[0]["reason"]
+    assert never.unanalysed[0]["reached"] is False  # nothing ran there: the report is complete for this data
+    assert not any("incomplete" in warning for warning in never.warnings)
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="sample_models/ is not in this checkout")
@@ -506,7 +518,9 @@ def test_sites_carry_the_pytorch_name_from_the_exporter_metadata(samples_dir: Pa
     torch_report = reluscope.analyze(samples_dir / "digits_cnn.pt2", calib_path)
     onnx_report = reluscope.analyze(samples_dir / "digits_cnn.onnx", calib_path)
     assert [layer["module"] for layer in onnx_report.layers] == torch_report.names == ["relu#0", "relu()", "relu#1"]
-    assert [layer["name"] for layer in onnx_report.layers] != torch_report.names  # names stay the node names
+    assert onnx_report.names == torch_report.names
+    assert [layer["node"] for layer in onnx_report.layers] == [node.name for node in onnx.load(
+        samples_dir / "digits_cnn.onnx").graph.node if node.op_type == "Relu"]  # the node names stay, as fields
 
 
 # ----------------------------------------------------------------------------- onnxruntime-optimized files

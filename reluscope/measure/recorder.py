@@ -26,6 +26,7 @@ class _Site:
     tensor: str | None
     grad: SiteGradStats | None = None
     module: str | None = None
+    node: str | None = None
 
 
 class SiteRecorder:
@@ -45,7 +46,7 @@ class SiteRecorder:
 
     def record(self, base: str, activation: Activation, output: Any, inp: Any = None,
                layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
-               module: str | None = None,
+               module: str | None = None, node: str | None = None,
                batched: bool = True) -> None:
         call = self._calls.get(base, 0)
         self._calls[base] = call + 1
@@ -59,7 +60,7 @@ class SiteRecorder:
             stats = SiteStats(activation, shape, axis, device, percentiles=self.percentiles,
                               reduction=self.reduction)
             grad = SiteGradStats.on(device) if self.gradients else None
-            site = _Site(base, call, activation, stats, tensor, grad, module)
+            site = _Site(base, call, activation, stats, tensor, grad, module, node)
             self._sites[(base, call)] = site
         site.stats.update(output, inp)
         if site.grad is not None and getattr(output, "requires_grad", False):
@@ -73,7 +74,8 @@ class SiteRecorder:
     def sites(self) -> list[tuple[SiteInfo, Activation, SiteStats]]:
         """Sites in order of first call, named `base` or `base#k` when a base is called more than once."""
         sites = list(self._sites.values())
-        return [(SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor, site.module),
+        return [(SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor, site.module,
+                          site.node),
                  site.activation, site.stats)
                 for site, name in zip(sites, call_names([site.base for site in sites]))]
 

@@ -229,3 +229,4 @@ class SiteInfo:
     unit_axis: int
     tensor: str | None = None  # ONNX: the output tensor's name
     module: str | None = None  # ONNX: the PyTorch site name, when the exporter recorded it
+    node: str | None = None  # ONNX: the node's name

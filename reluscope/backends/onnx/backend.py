@@ -35,10 +35,17 @@ class OnnxBackend(Backend):
         # Site tensors come back from onnxruntime as host arrays: the PyTorch route on the CPU reduces them.
         run.recorder = SiteRecorder(unit_axis=config.unit_axis, percentiles=config.percentiles)
         session = OnnxCapture(self.loaded.module, run.recorder, device=str(device), path=self.loaded.path)
+        run.source = run.source.select_inputs(session.input_names)  # feed the graph's inputs by their names
         with session:
             for batch in run.batches():
                 run.forward(session, batch.inputs)
-        run.unanalysed.extend(session.unanalysed)
+        run.unanalysed.extend(session.unanalysed + session.never_ran())
+        missed = [item for item in run.unanalysed if item.get("reached", True)]
+        if missed:
+            names = ", ".join(item["name"] for item in missed[:5])
+            more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
+            run.warnings.append(f"the report is incomplete: {len(missed)} site(s) found in the model were not "
+                                f"measured ({names}{more}; see unanalysed); --fail-on rules that would read them fail")
         run.warnings.extend(session.warnings)
         flow = None
         if config.gradients:

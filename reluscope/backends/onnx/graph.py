@@ -8,8 +8,11 @@ it is analysed as a checkpoint or as its ONNX export.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import chain
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from onnx import numpy_helper
 
 from ..base import LoadedModel
 from ...errors import InputError, first_line
-from ...measure.sites import CHANNEL, LAST, Activation, activation, clamped
+from ...measure.sites import CHANNEL, LAST, Activation, activation, call_names, clamped, functional_site_name
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -54,8 +57,6 @@ _PASSTHROUGH = frozenset(
      "ThresholdedRelu", "Sigmoid", "Tanh", "Softplus", "Erf"} | set(_SIMPLE_OPS)
 )
 _LAYOUT_DEPTH = 32
-_CONTROL_FLOW_REASON = ("inside the {attr} subgraph of {op} node {node!r}; onnxruntime returns no tensors from "
-                        "inside control flow")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,19 @@ class OnnxSite:
     activation: Activation
     layout: str | None  # recorder.CHANNEL / recorder.LAST / None (rank heuristic)
     module: str | None = None  # the PyTorch site name, from the exporter's metadata (see torch_site_names)
+    node: str | None = None  # the node's name (the output tensor's when it has none)
+    output: str | None = None  # inside an If branch: the main-graph output that carries `tensor` out
+    output_input: str | None = None  # ... and `input` (PReLU)
+    branch: str | None = None  # inside an If branch: which one ("the then_branch of If node 'gate'")
+
+    @property
+    def fetch(self) -> str:
+        """The main-graph tensor holding the site's output."""
+        return self.output or self.tensor
+
+    @property
+    def fetch_input(self) -> str:
+        return self.output_input or self.input
 
 
 
@@ -115,6 +129,8 @@ class _Graph:
         self.producer = {out: node for node in graph.node for out in node.output if out}
         self.initializers = {init.name: init for init in graph.initializer}
         self._layouts: dict[str, str | None] = {}
+        self._expressions: dict[tuple[str, str], _Expr | None] = {}
+        self.atoms: dict[str, _Atom] = {}
 
     def scalar(self, name: str) -> float | None:
         """The value of a one-element initializer or Constant node output, else None."""
@@ -164,67 +180,311 @@ class _Graph:
     # --------------------------------------------------------------- patterns
     def clip(self, node: onnx.NodeProto) -> Activation | None:
         """Clip(min=0): ReLU6 when max is 6, clamp otherwise; any other min is no site."""
+        bounds = self.clip_bounds(node)
+        if bounds is None or bounds[0] != 0:
+            return None
+        return clamped(bounds[1])
+
+    def clip_bounds(self, node: onnx.NodeProto) -> tuple[float | None, float | None] | None:
+        """(min, max) of a Clip with constant bounds (None: unbounded); None for a tensor bound."""
         if self.opset < 11:
             attrs = {a.name: a.f for a in node.attribute}
-            low, high = attrs.get("min"), attrs.get("max")
-        else:
-            low = self.scalar(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-            has_max = len(node.input) > 2 and bool(node.input[2])
-            high = self.scalar(node.input[2]) if has_max else None
-            if has_max and high is None:
-                return None  # a tensor bound: no fixed saturation level
-        if low != 0:
-            return None
-        return clamped(high)
+            return attrs.get("min"), attrs.get("max")
+        bounds = []
+        for index in (1, 2):
+            name = node.input[index] if len(node.input) > index else ""
+            value = self.scalar(name) if name else None
+            if name and value is None:
+                return None
+            bounds.append(value)
+        return bounds[0], bounds[1]
 
-    def gate(self, node: onnx.NodeProto) -> tuple[str, onnx.NodeProto] | None:
-        """Mul(x, g(x)): SiLU (g = Sigmoid), Mish (Tanh(Softplus)), HardSwish (HardSigmoid(1/6, 1/2)).
-
-        Returns the op label and the gate node (which is then not a site of its own)."""
-        if node.op_type != "Mul" or len(node.input) != 2:
+    def ints(self, name: str) -> list[int] | None:
+        """The values of a small constant integer tensor (reduction axes), else None."""
+        tensor = self.initializers.get(name)
+        if tensor is None:
+            node = self.op(name, "Constant")
+            if node is None or not node.attribute:
+                return None
+            tensor = onnx.helper.get_attribute_value(node.attribute[0])
+            if not isinstance(tensor, onnx.TensorProto):
+                return [int(v) for v in np.ravel(tensor)] if np.asarray(tensor).dtype.kind in "iu" else None
+        if math.prod(tensor.dims) > 64:
             return None
-        for x, gated in (node.input, reversed(node.input)):
-            g = self.producer.get(gated)
-            if g is None or not g.input:
-                continue
-            if g.op_type == "Sigmoid" and g.input[0] == x:
-                return "silu", g
-            if g.op_type == "HardSigmoid" and g.input[0] == x:
-                attrs = {a.name: a.f for a in g.attribute}
-                if math.isclose(attrs.get("alpha", 0.2), 1 / 6, rel_tol=1e-4) and attrs.get("beta", 0.5) == 0.5:
-                    return "hardswish", g
-            if g.op_type == "Tanh":
-                softplus = self.op(g.input[0], "Softplus")
-                if softplus is not None and softplus.input[0] == x:
-                    return "mish", g
+        value = numpy_helper.to_array(tensor)
+        return [int(v) for v in value.reshape(-1)] if value.dtype.kind in "iu" else None
+
+    def statistic(self, tensor: str, depth: int = 0) -> bool:
+        """Whether `tensor` is a statistic of features rather than features: computed, through per-element and
+        shape ops only, from reductions over the unit axis (a decomposed LayerNorm's variance) or from shapes."""
+        node = self.producer.get(tensor)
+        if node is None or depth > _LAYOUT_DEPTH or node.domain not in _DEFAULT_DOMAINS:
+            return False
+        if node.op_type in ("Shape", "Size"):
+            return True
+        if node.op_type in _REDUCTIONS:
+            return self._reduces_units(node)
+        if node.op_type in _STATISTIC_PROPAGATORS:
+            operands = [i for i in node.input if i and not self.is_constant(i)]
+            return bool(operands) and all(self.statistic(i, depth + 1) for i in operands)
+        return False
+
+    def _reduces_units(self, node: onnx.NodeProto) -> bool:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.ints(node.input[1])
+            if axes is None:
+                return False  # axes computed at run time: cannot tell
+        if not axes:
+            return not attrs.get("noop_with_empty_axes", 0)  # every axis: a scalar per sample (or per batch)
+        layout = self.layout(node.input[0])
+        if layout == CHANNEL:
+            return 1 in axes
+        if layout == LAST:
+            return -1 in axes
+        return 1 in axes or -1 in axes
+
+    def expression(self, tensor: str, x: str, depth: int = 0) -> _Expr | None:
+        """`tensor` as a sum of terms coefficient * x^power * atoms (Erf, Tanh, Sigmoid, Softplus and hard
+        clips of x), read through Add/Sub/Mul/Div/Neg/Pow/Identity; None when it is no such function of x."""
+        key = (tensor, x)
+        if key in self._expressions:
+            return self._expressions[key]
+        self._expressions[key] = None  # cycles and deep chains read as "no"
+        result = self._expression(tensor, x, depth)
+        self._expressions[key] = result
+        return result
+
+    def _expression(self, tensor: str, x: str, depth: int) -> _Expr | None:
+        if tensor == x:
+            return _Expr({(1, ()): 1.0})
+        value = self.scalar(tensor)
+        if value is not None:
+            return _Expr({(0, ()): value})
+        node = self.producer.get(tensor)
+        if node is None or depth > _EXPRESSION_DEPTH or node.domain not in _DEFAULT_DOMAINS or not node.input:
+            return None
+        op = node.op_type
+        if op in ("Add", "Sub", "Mul") and len(node.input) == 2:
+            a, b = (self.expression(i, x, depth + 1) for i in node.input)
+            if a is None or b is None:
+                return None
+            combined = a.plus(b) if op == "Add" else a.plus(b.scaled(-1.0)) if op == "Sub" else a.times(b)
+            return combined.using(node) if combined is not None else None
+        if op == "Div" and len(node.input) == 2:
+            divisor = self.scalar(node.input[1])
+            a = self.expression(node.input[0], x, depth + 1)
+            return None if a is None or not divisor else a.scaled(1.0 / divisor).using(node)
+        if op in ("Neg", "Identity"):
+            a = self.expression(node.input[0], x, depth + 1)
+            return None if a is None else (a.scaled(-1.0) if op == "Neg" else a).using(node)
+        if op == "Pow" and len(node.input) == 2:
+            exponent = self.scalar(node.input[1])
+            a = self.expression(node.input[0], x, depth + 1)
+            if a is None or exponent is None or exponent not in (1.0, 2.0, 3.0, 4.0):
+                return None
+            result = a
+            for _ in range(int(exponent) - 1):
+                result = result.times(a)
+                if result is None:
+                    return None
+            return result.using(node)
+        atom = self._atom(node, x, depth)
+        if atom is None:
+            return None
+        self.atoms[tensor] = atom
+        return _Expr({(0, (tensor,)): 1.0}, atom.argument.nodes | atom.extra_nodes | {node.output[0]})
+
+    def _atom(self, node: onnx.NodeProto, x: str, depth: int) -> _Atom | None:
+        op = node.op_type
+        if op in ("Erf", "Tanh", "Sigmoid", "Softplus"):
+            argument = self.expression(node.input[0], x, depth + 1)
+            return None if argument is None else _Atom(op, argument)
+        if op == "HardSigmoid":  # clip(alpha * a + beta, 0, 1)
+            argument = self.expression(node.input[0], x, depth + 1)
+            attrs = {a.name: a.f for a in node.attribute}
+            alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+            scaled = None if argument is None else argument.scaled(alpha).plus(_Expr({(0, ()): beta}))
+            return None if scaled is None else _Atom("HardClip", scaled, 0.0, 1.0)
+        if op == "Relu":
+            argument = self.expression(node.input[0], x, depth + 1)
+            return None if argument is None else _Atom("HardClip", argument, 0.0, None)
+        if op == "Clip":
+            bounds = self.clip_bounds(node)
+            argument = self.expression(node.input[0], x, depth + 1)
+            return None if argument is None or bounds is None else _Atom("HardClip", argument, *bounds)
+        if op in ("Max", "Min") and len(node.input) == 2:  # Min(Max(a, 0), 6): relu6(a), as TensorFlow writes it
+            for inner, bound in (node.input, reversed(node.input)):
+                value = self.scalar(bound)
+                if value is None:
+                    continue
+                argument = self.expression(inner, x, depth + 1)
+                if argument is None:
+                    return None
+                nested = argument.single_atom(self.atoms)
+                if nested is not None and nested.op == "HardClip":  # fold Min(Max(.)) into one clip
+                    low, high = nested.low, nested.high
+                    if op == "Max":
+                        low = value if low is None else max(low, value)
+                    else:
+                        high = value if high is None else min(high, value)
+                    return _Atom("HardClip", nested.argument, low, high, argument.nodes)
+                return _Atom("HardClip", argument, value, None) if op == "Max" else \
+                    _Atom("HardClip", argument, None, value)
         return None
 
-    def erf_gelu(self, node: onnx.NodeProto) -> str | None:
-        """The exact GELU as older exporters decompose it: Mul(Mul(x, Add(Erf(x / sqrt 2), 1)), 0.5).
+    def composite(self, node: onnx.NodeProto) -> tuple[str, str, frozenset[str]] | None:
+        """An activation decomposed into elementwise ops, ending at `node`: (op label, x, ids of its nodes).
 
-        Returns x when `node` is the final Mul of that pattern."""
-        if node.op_type != "Mul" or len(node.input) != 2:
+        Recognised: x*Sigmoid(x) (SiLU; x*Sigmoid(1.702x) is the sigmoid GELU), x*Tanh(Softplus(x)) (Mish),
+        x*HardSigmoid(x), x*Clip(x+3, 0, 6)/6 and x*relu6(x+3)/6 in any order of factors (HardSwish),
+        0.5*x*(1+Erf(x/sqrt 2)) and 0.5*x*(1+Tanh(sqrt(2/pi)*(x+0.044715*x^3))) (GELU, exact and tanh)."""
+        if node.op_type not in _COMPOSITE_ROOTS or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 2:
             return None
-        half = [i for i in node.input if self.scalar(i) == 0.5]
-        if len(half) != 1:
-            return None
-        inner = self.op(next(i for i in node.input if i != half[0]), "Mul")
-        if inner is None:
-            return None
-        for x, other in (inner.input, reversed(inner.input)):
-            add = self.op(other, "Add")
-            if add is None or not any(self.scalar(i) == 1 for i in add.input):
+        for x in self._candidates(node):
+            expr = self.expression(node.output[0], x)
+            if expr is None:
                 continue
-            erf = next((self.op(i, "Erf") for i in add.input if self.op(i, "Erf") is not None), None)
-            scaled = None if erf is None else self.producer.get(erf.input[0])
-            if scaled is None or x not in scaled.input:
-                continue
-            factor = self.scalar(next((i for i in scaled.input if i != x), ""))
-            if (scaled.op_type == "Div" and factor is not None and math.isclose(factor, math.sqrt(2), rel_tol=1e-3)
-                    or scaled.op_type == "Mul" and factor is not None
-                    and math.isclose(factor, 1 / math.sqrt(2), rel_tol=1e-3)):
-                return x
+            label = self._match(expr)
+            if label is not None:
+                return label, x, expr.nodes
         return None
+
+    def _candidates(self, node: onnx.NodeProto) -> list[str]:
+        """Tensors that may be the x of a decomposed activation ending at `node`: those the arithmetic
+        ops above it read, nearest first."""
+        seen: list[str] = []
+        frontier = [node]
+        for _ in range(_EXPRESSION_DEPTH):
+            following = []
+            for current in frontier:
+                for name in current.input:
+                    if not name or name in seen or self.is_constant(name):
+                        continue
+                    seen.append(name)
+                    producer = self.producer.get(name)
+                    if producer is not None and producer.op_type in _ARITHMETIC:
+                        following.append(producer)
+            if not following or len(seen) > 16:
+                break
+            frontier = following
+        return seen
+
+    def _match(self, expr: _Expr) -> str | None:
+        terms = expr.terms
+        if len(terms) == 1:
+            ((power, atoms), coefficient), = terms.items()
+            if power != 1 or len(atoms) != 1:
+                return None
+            atom = self.atoms[atoms[0]]
+            if atom.op == "Sigmoid" and math.isclose(coefficient, 1, rel_tol=_TOL):
+                beta = atom.argument.linear()
+                if beta is not None and beta[1] == 0:
+                    if math.isclose(beta[0], 1, rel_tol=_TOL):
+                        return "silu"
+                    if math.isclose(beta[0], 1.702, rel_tol=_TOL):
+                        return "gelu"
+            if atom.op == "Tanh" and math.isclose(coefficient, 1, rel_tol=_TOL):
+                inner = atom.argument.single_atom(self.atoms)
+                if inner is not None and inner.op == "Softplus" and inner.argument.linear() == (1.0, 0.0):
+                    return "mish"
+            if atom.op == "HardClip" and _is_hardswish_gate(atom, coefficient):
+                return "hardswish"
+            return None
+        if len(terms) == 2 and math.isclose(terms.get((1, ()), 0.0), 0.5, rel_tol=_TOL):
+            (key, coefficient), = ((k, c) for k, c in terms.items() if k != (1, ()))
+            if key[0] != 1 or len(key[1]) != 1 or not math.isclose(coefficient, 0.5, rel_tol=_TOL):
+                return None
+            atom = self.atoms[key[1][0]]
+            if atom.op == "Erf":
+                linear = atom.argument.linear()
+                if linear is not None and linear[1] == 0 and math.isclose(linear[0], 1 / math.sqrt(2), rel_tol=_TOL):
+                    return "gelu"
+            if atom.op == "Tanh":
+                a = math.sqrt(2 / math.pi)
+                want = {(1, ()): a, (3, ()): 0.044715 * a}
+                got = atom.argument.terms
+                if got.keys() == want.keys() and all(math.isclose(got[k], want[k], rel_tol=_TOL) for k in want):
+                    return "gelu"
+        return None
+
+
+_TOL = 2e-3  # exporters round constants to float32 and to a few digits (0.7071, 1.702, 0.0447)
+_EXPRESSION_DEPTH = 12
+_MAX_TERMS = 8
+_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Identity"})
+_COMPOSITE_ROOTS = frozenset({"Add", "Sub", "Mul", "Div"})
+_REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceL1",
+                         "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd"})
+_STATISTIC_PROPAGATORS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Cast", "Identity", "Max", "Min", "Clip",
+     "Relu", "Unsqueeze", "Squeeze", "Reshape", "Gather", "Slice", "Concat", "Expand"})
+
+
+@dataclass(frozen=True)
+class _Expr:
+    """A sum of terms: (power of x, sorted atom tensors) -> coefficient; `nodes`: ids of the nodes read."""
+
+    terms: dict[tuple[int, tuple[str, ...]], float]
+    nodes: frozenset[str] = frozenset()
+
+    def using(self, node: onnx.NodeProto) -> _Expr:
+        return _Expr(self.terms, self.nodes | {node.output[0]})
+
+    def scaled(self, factor: float) -> _Expr:
+        return _Expr({k: c * factor for k, c in self.terms.items()}, self.nodes)
+
+    def plus(self, other: _Expr) -> _Expr | None:
+        terms = dict(self.terms)
+        for key, coefficient in other.terms.items():
+            terms[key] = terms.get(key, 0.0) + coefficient
+        terms = {k: c for k, c in terms.items() if c != 0}
+        return _Expr(terms, self.nodes | other.nodes) if len(terms) <= _MAX_TERMS else None
+
+    def times(self, other: _Expr) -> _Expr | None:
+        terms: dict[tuple[int, tuple[str, ...]], float] = {}
+        for (p, a), c in self.terms.items():
+            for (q, b), d in other.terms.items():
+                key = (p + q, tuple(sorted(a + b)))
+                terms[key] = terms.get(key, 0.0) + c * d
+        terms = {k: c for k, c in terms.items() if c != 0}
+        return _Expr(terms, self.nodes | other.nodes) if len(terms) <= _MAX_TERMS else None
+
+    def linear(self) -> tuple[float, float] | None:
+        """(a, b) when this is a*x + b."""
+        if not set(self.terms) <= {(1, ()), (0, ())}:
+            return None
+        return self.terms.get((1, ()), 0.0), self.terms.get((0, ()), 0.0)
+
+    def single_atom(self, atoms: dict[str, _Atom]) -> _Atom | None:
+        """The atom when this is exactly 1 * atom."""
+        if len(self.terms) != 1:
+            return None
+        ((power, names), coefficient), = self.terms.items()
+        return atoms.get(names[0]) if power == 0 and len(names) == 1 and coefficient == 1 else None
+
+
+@dataclass(frozen=True)
+class _Atom:
+    """A nonlinear function of x inside a decomposed activation; HardClip: clip(argument, low, high)."""
+
+    op: str
+    argument: _Expr
+    low: float | None = None
+    high: float | None = None
+    extra_nodes: frozenset[str] = frozenset()
+
+
+def _is_hardswish_gate(atom: _Atom, coefficient: float) -> bool:
+    """Whether coefficient * clip(a*x + b, low, high) is hardswish's gate clip(x/6 + 1/2, 0, 1)."""
+    linear = atom.argument.linear()
+    if linear is None or atom.low is None or atom.high is None or linear[0] <= 0 or coefficient <= 0:
+        return False
+    a, b = linear
+    close = partial(math.isclose, rel_tol=_TOL, abs_tol=1e-6)
+    return (close(coefficient * atom.low, 0.0) and close(coefficient * atom.high, 1.0)
+            and close(-3 * a + b, atom.low) and close(3 * a + b, atom.high))
 
 
 def _fused_activation(node: onnx.NodeProto) -> Activation | None:
@@ -246,6 +506,13 @@ def _fused_activation(node: onnx.NodeProto) -> Activation | None:
 
 def _classify(node: onnx.NodeProto, graph: _Graph) -> tuple[Activation, str] | None:
     """(activation, input tensor) when `node` is a site."""
+    found = _classify_op(node, graph)
+    if found is not None and graph.statistic(found[1]):
+        return None  # Max(var, 0) inside a decomposed LayerNorm: a clamp of a statistic, not of features
+    return found
+
+
+def _classify_op(node: onnx.NodeProto, graph: _Graph) -> tuple[Activation, str] | None:
     if node.domain == "com.microsoft":
         act = _fused_activation(node) if node.op_type in _FUSED_LAYERS else _MICROSOFT_OPS.get(node.op_type)
         return (act, node.input[0]) if act is not None else None
@@ -265,23 +532,26 @@ def _classify(node: onnx.NodeProto, graph: _Graph) -> tuple[Activation, str] | N
         if len(zero) == 1:
             return clamped(None), next(i for i in node.input if i != zero[0])
         return None
-    gated = graph.gate(node)
-    if gated is not None:
-        return activation(gated[0]), next(i for i in node.input if i != gated[1].output[0])
-    x = graph.erf_gelu(node)
-    return (activation("gelu"), x) if x is not None else None
+    composite = graph.composite(node)
+    return (activation(composite[0]), composite[1]) if composite is not None else None
 
 
-def _gates(graph_proto: onnx.GraphProto, graph: _Graph) -> set[str]:
-    """Output tensors of the gates of Mul(x, g(x)) patterns: part of a site, not sites themselves."""
-    return {gated[1].output[0] for node in graph_proto.node if (gated := graph.gate(node)) is not None}
+def _parts(graph_proto: onnx.GraphProto, graph: _Graph) -> dict[str, frozenset[str]]:
+    """Decomposed activations: root output tensor -> output tensors of the nodes inside it, which are part
+    of that site and not sites themselves (the Clip of x*Clip(x+3, 0, 6)/6 is no relu6)."""
+    parts = {}
+    for node in graph_proto.node:
+        if node.op_type in _COMPOSITE_ROOTS and (found := graph.composite(node)) is not None:
+            parts[node.output[0]] = found[2] - {node.output[0]}
+    return parts
 
 
 def _sites_of(graph_proto: onnx.GraphProto, opset: int) -> Iterator[tuple[onnx.NodeProto, Activation, str, _Graph]]:
     graph = _Graph(graph_proto, opset)
-    gates = _gates(graph_proto, graph)
+    parts = _parts(graph_proto, graph)
+    inside = frozenset().union(*parts.values()) if parts else frozenset()
     for node in graph_proto.node:
-        if node.output and node.output[0] in gates:
+        if node.output and node.output[0] in inside:
             continue
         found = _classify(node, graph)
         if found is not None:
@@ -292,28 +562,179 @@ def _site_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def _control_flow_sites(graph_proto: onnx.GraphProto, opset: int) -> Iterator[dict[str, Any]]:
-    """Sites inside If/Loop/Scan bodies (at any depth), each with the reason it is not measured."""
+_LOOP_REASON = ("inside the {attr} subgraph of {op} node {node!r}; onnxruntime returns no tensors from inside a "
+                "loop body")
+_NEVER_RAN = "inside {branch}, which never ran on the calibration data"
+
+
+def _control_flow_sites(graph_proto: onnx.GraphProto, opset: int, reason: str | None = None) -> Iterator[dict[str, Any]]:
+    """Sites inside the bodies of `graph_proto`'s nodes (at any depth) that cannot be exposed, with the reason:
+    everything inside Loop/Scan bodies; the If branches themselves are exposed (see expose_branches)."""
     for node in graph_proto.node:
         for attr in node.attribute:
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for body in bodies:
-                reason = _CONTROL_FLOW_REASON.format(attr=attr.name, op=node.op_type, node=_site_name(node))
+                if reason is None and node.op_type == "If" and node.domain in _DEFAULT_DOMAINS:
+                    yield from _control_flow_sites(body, opset)  # exposed; Loops inside it are not
+                    continue
+                why = reason or _LOOP_REASON.format(attr=attr.name, op=node.op_type, node=_site_name(node))
                 for inner, act, _, _ in _sites_of(body, opset):
-                    yield {"name": _site_name(inner), "op": act.op, "reason": reason}
-                yield from _control_flow_sites(body, opset)
+                    yield {"name": _site_name(inner), "op": act.op, "reason": why}
+                yield from _control_flow_sites(body, opset, why)
+
+
+def inline_constant_ifs(graph: onnx.GraphProto, opset: int) -> None:
+    """Replace each If of `graph` whose condition is a constant by the nodes of the branch it takes (their
+    sites are then plain sites). An If whose branch defines a name the graph already has stays."""
+    while True:
+        lookup = _Graph(graph, opset)
+        for index, node in enumerate(graph.node):
+            if node.op_type != "If" or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            condition = lookup.scalar(node.input[0])
+            if condition is None:
+                continue
+            attr = "then_branch" if condition else "else_branch"
+            body = next(a.g for a in node.attribute if a.name == attr)
+            defined = {out for n in body.node for out in n.output if out} | {i.name for i in body.initializer}
+            taken = {out for n in graph.node for out in n.output} | {v.name for v in graph.input} | set(
+                lookup.initializers)
+            if defined & taken:
+                continue
+            nodes = [helper_constant(init) for init in body.initializer] + list(body.node) + [
+                onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{_site_name(node)}/{attr}/{outer}")
+                for inner, outer in zip(body.output, node.output)]
+            graph.value_info.extend(body.value_info)
+            rest = list(graph.node)
+            rest[index:index + 1] = nodes
+            del graph.node[:]
+            graph.node.extend(rest)
+            break
+        else:
+            return
+
+
+def helper_constant(tensor: onnx.TensorProto) -> onnx.NodeProto:
+    return onnx.helper.make_node("Constant", [], [tensor.name], value=tensor)
+
+
+class _Exposer:
+    """Makes the sites inside If branches visible: each site tensor becomes an output of its branch (the other
+    branch gives an empty tensor in its place) and of the If node, up to the main graph."""
+
+    def __init__(self, opset: int, types: dict[str, int]) -> None:
+        self.opset = opset
+        self.types = types  # elem types of tensors, from shape inference
+        self.count = 0
+
+    def _name(self, kind: str) -> str:
+        self.count += 1
+        return f"reluscope::{kind}{self.count}"
+
+    def expose(self, graph: onnx.GraphProto) -> list[tuple[int, OnnxSite]]:
+        """(index of the node in `graph` holding it, site) for the sites inside `graph`'s If nodes; their
+        `output`/`output_input` name tensors of `graph`'s scope."""
+        found = []
+        for index, node in enumerate(list(graph.node)):
+            if node.op_type != "If" or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            for site in self._expose_if(node):
+                found.append((index, site))
+        return found
+
+    def _expose_if(self, node: onnx.NodeProto) -> list[OnnxSite]:
+        branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+        if len(branches) != 2:
+            return []
+        exposed = []
+        for attr, body in branches.items():
+            where = f"the {attr} of If node {_site_name(node)!r}"
+            sites = [OnnxSite(_site_name(n), n.output[0], inp, act, _layout_of(n, inp, g), node=_site_name(n),
+                              branch=where) for n, act, inp, g in _sites_of(body, self.opset)]
+            nested = [site for _, site in self.expose(body)]
+            for site in sites + nested:
+                names = [site.fetch] + ([site.fetch_input] if site.activation.active_from_input else [])
+                outer = [self._add_output(node, branches, attr, name) for name in names]
+                exposed.append(replace(site, output=outer[0], output_input=outer[1] if len(outer) > 1 else None))
+        return exposed
+
+    def _add_output(self, node: onnx.NodeProto, branches: dict[str, onnx.GraphProto], attr: str, name: str) -> str:
+        elem = self.types.get(name, onnx.TensorProto.FLOAT)
+        inner = self._name("exposed")
+        for key, body in branches.items():
+            if key == attr:
+                body.node.append(onnx.helper.make_node("Identity", [name], [inner], name=inner))
+                body.output.append(onnx.helper.make_tensor_value_info(inner, elem, None))
+            else:  # the branch that did not compute it: an empty tensor, read as "did not run"
+                empty = self._name("empty")
+                value = np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(elem))
+                body.node.append(onnx.helper.make_node("Constant", [], [empty], name=empty,
+                                                       value=numpy_helper.from_array(value)))
+                body.output.append(onnx.helper.make_tensor_value_info(empty, elem, None))
+        outer = self._name("branch")
+        node.output.append(outer)
+        return outer
+
+
+def _subgraph_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Elem types of the tensors inside subgraphs, from shape inference of a copy without large weights."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for tensor in skeleton.graph.initializer:
+        if math.prod(tensor.dims) > 1024:
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # noqa: BLE001 - custom ops and odd graphs: the default (float) then
+        return {}
+    types: dict[str, int] = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for value in chain(graph.input, graph.value_info, graph.output):
+            if value.type.tensor_type.elem_type:
+                types[value.name] = value.type.tensor_type.elem_type
+        for node in graph.node:
+            for attr in node.attribute:
+                for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    walk(body)
+
+    walk(inferred.graph)
+    return types
 
 
 def find_sites(model: onnx.ModelProto) -> tuple[list[OnnxSite], list[dict[str, Any]]]:
-    """Sites of the main graph in graph (execution) order, and the sites it cannot expose."""
+    """Sites of the main graph in graph (execution) order, and the sites it cannot expose.
+
+    Changes `model`: If nodes with a constant condition are replaced by the branch they take, and the
+    sites inside other If nodes' branches become outputs of those nodes (OnnxSite.output)."""
     opset = default_opset(model)
+    inline_constant_ifs(model.graph, opset)
+    has_ifs = any(node.op_type == "If" for node in model.graph.node)
+    branch_sites = _Exposer(opset, _subgraph_types(model) if has_ifs else {}).expose(model.graph) if has_ifs else []
     found = list(_sites_of(model.graph, opset))
-    modules = torch_site_names([(node, act) for node, act, _, _ in found])
-    sites = [OnnxSite(_site_name(node), node.output[0], inp, act, _layout_of(node, inp, graph), module)
-             for (node, act, inp, graph), module in zip(found, modules)]
+    index = {id_: position for position, id_ in enumerate(node.output[0] if node.output else "" for node in
+                                                             model.graph.node)}
+    ordered = sorted([(index.get(node.output[0], 0), 0, (node, act, inp, graph)) for node, act, inp, graph in found]
+                     + [(position, 1, site) for position, site in branch_sites], key=lambda item: item[:2])
+    nodes_for_names = [(entry[2][0], entry[2][1], _parts_of(entry[2][0], entry[2][3])) if entry[1] == 0
+                       else (None, entry[2].activation, frozenset()) for entry in ordered]
+    modules = torch_site_names(nodes_for_names, _scopes(model.graph))
+    sites = []
+    for (_, kind, entry), module in zip(ordered, modules):
+        if kind == 0:
+            node, act, inp, graph = entry
+            sites.append(OnnxSite(module or _site_name(node), node.output[0], inp, act, _layout_of(node, inp, graph),
+                                  module, node=_site_name(node)))
+        else:
+            sites.append(entry)
     blocked = [{"name": _site_name(node), "op": act.op, "reason": _NCHWC_REASON} for node in model.graph.node
                if node.domain == _NCHWC_DOMAIN and (act := _fused_activation(node)) is not None]
     return sites, blocked + list(_control_flow_sites(model.graph, opset))
+
+
+def _parts_of(node: onnx.NodeProto, graph: _Graph) -> frozenset[str]:
+    composite = graph.composite(node) if node.op_type in _COMPOSITE_ROOTS else None
+    return composite[2] if composite is not None else frozenset({node.output[0]})
 
 
 def _layout_of(node: onnx.NodeProto, inp: str, graph: _Graph) -> str | None:
@@ -323,26 +744,82 @@ def _layout_of(node: onnx.NodeProto, inp: str, graph: _Graph) -> str | None:
     return graph.layout(inp)
 
 
-def torch_site_names(nodes: list[tuple[onnx.NodeProto, Activation]]) -> list[str | None]:
-    """What the PyTorch path would call each site, from the dynamo exporter's per-node metadata
+@dataclass
+class _Scopes:
+    """Module scopes of the TorchScript exporter's node names (`/features/features.2/Relu`)."""
+
+    direct: dict[tuple[str, ...], set[str]]  # scope -> outputs of the (non-Constant) nodes directly in it
+    parents: set[tuple[str, ...]]  # scopes with deeper scopes in them
+
+
+def _scopes(graph: onnx.GraphProto) -> _Scopes:
+    scopes = _Scopes({}, set())
+    for node in graph.node:
+        if not node.name.startswith("/") or not node.output:
+            continue
+        path = tuple(node.name[1:].split("/")[:-1])
+        if node.op_type != "Constant":
+            scopes.direct.setdefault(path, set()).add(node.output[0])
+        for cut in range(len(path)):
+            scopes.parents.add(path[:cut])
+        scopes.direct.setdefault(path, set())
+    return scopes
+
+
+def _qualname(path: tuple[str, ...], scopes: _Scopes) -> str:
+    """`('layer1', 'layer1.0', 'conv1')` -> `layer1.0.conv1`; a module's k-th repeated call (`relu_1`, when its
+    parent also holds `relu`) -> the module's name."""
+    parts: list[str] = []
+    previous = ""
+    for depth, component in enumerate(path):
+        relative = component[len(previous) + 1:] if previous and component.startswith(previous + ".") else component
+        repeat = re.fullmatch(r"(.+)_\d+", relative)
+        if repeat and path[:depth] + (component[:len(component) - len(relative)] + repeat[1],) in scopes.direct:
+            relative = repeat[1]
+        parts.append(relative)
+        previous = component
+    return ".".join(parts)
+
+
+def _torchscript_base(node: onnx.NodeProto, op: str, parts: frozenset[str], scopes: _Scopes) -> str | None:
+    """The PyTorch site name from a TorchScript-exporter node name: the module itself when the scope holds
+    nothing but this activation and no submodule (an nn.ReLU), else a functional call made in the scope."""
+    if not node.name.startswith("/"):
+        return None
+    path = tuple(node.name[1:].split("/")[:-1])
+    if not path:
+        return functional_site_name("", op)
+    qualname = _qualname(path, scopes)
+    if path not in scopes.parents and scopes.direct.get(path, set()) <= parts | {node.output[0]}:
+        return qualname
+    return functional_site_name(qualname, op)
+
+
+def torch_site_names(nodes: list[tuple[onnx.NodeProto | None, Activation, frozenset[str]]],
+                     scopes: _Scopes | None = None) -> list[str | None]:
+    """What the PyTorch path would call each site: from the dynamo exporter's per-node metadata
     (`pkg.torch.onnx.name_scopes`: module qualnames, `...class_hierarchy`: their classes), so that
-    `node_relu_2` can be traced back to `features.3`. None for graphs without that metadata.
+    `node_relu_2` can be traced back to `features.3`, or from the TorchScript exporter's scoped node
+    names (`/features/features.3/Relu`). None where neither is there (or no node: a site in a branch).
     The exporter may fold sites away (relu(relu(x)) becomes one Relu), so names, not positions,
-    are what relate the two reports."""
+    are what relate the two reports. `nodes`: (node, activation, outputs of the nodes the site spans)."""
     import ast
 
-    from ...measure.sites import call_names, functional_site_name, is_activation_module
+    from ...measure.sites import is_activation_module
 
     bases: list[str | None] = []
-    for node, act in nodes:
-        props = {p.key: p.value for p in node.metadata_props}
-        try:
-            scopes = ast.literal_eval(props["pkg.torch.onnx.name_scopes"])
-            classes = ast.literal_eval(props["pkg.torch.onnx.class_hierarchy"])
-        except (KeyError, ValueError, SyntaxError):
+    for node, act, parts in nodes:
+        if node is None:
             bases.append(None)
             continue
-        path = scopes[-2] if len(scopes) >= 3 else ""  # [root "", module qualnames..., the aten node]
+        props = {p.key: p.value for p in node.metadata_props}
+        try:
+            names = ast.literal_eval(props["pkg.torch.onnx.name_scopes"])
+            classes = ast.literal_eval(props["pkg.torch.onnx.class_hierarchy"])
+        except (KeyError, ValueError, SyntaxError):
+            bases.append(_torchscript_base(node, act.op, parts, scopes) if scopes is not None else None)
+            continue
+        path = names[-2] if len(names) >= 3 else ""  # [root "", module qualnames..., the aten node]
         owner = classes[-2] if len(classes) >= 2 else ""
         bases.append(path if path and is_activation_module(owner) else functional_site_name(path, act.op))
     return call_names(bases)

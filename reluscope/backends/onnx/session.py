@@ -37,7 +37,7 @@ from ...measure.recorder import SiteRecorder
 from ...measure.sites import resolve_unit_axis
 from ...measure.stats import SiteStats
 from ..base import Session
-from .graph import OnnxSite, default_opset, find_sites, inline_functions, true_inputs
+from .graph import _NEVER_RAN, OnnxSite, default_opset, find_sites, inline_functions, true_inputs
 
 # ORT_ENABLE_ALL: what deployed sessions run, and the fastest level measured here (its NCHWc
 # convolutions ran a ResNet-style CNN ~1.8x faster than ORT_DISABLE_ALL or ORT_ENABLE_BASIC).
@@ -159,14 +159,15 @@ def _extend(model: onnx.ModelProto, sites: list[OnnxSite], recorder: SiteRecorde
     """Add each site's reductions to the graph and make every tensor a plan reads a graph output."""
     graph = model.graph
     reduce = not recorder.percentiles  # the streaming histogram needs every value
-    types = _tensor_types(model, [site.tensor for site in sites]) if reduce and sites else {}
+    types = _tensor_types(model, [site.tensor for site in sites if site.branch is None]) if reduce and sites else {}
     build = _Builder(graph, default_opset(model))
     plans = []
     for site in sites:
-        raw = (site.tensor, site.input) if site.activation.active_from_input else (site.tensor,)
+        raw = (site.fetch, site.fetch_input) if site.activation.active_from_input else (site.fetch,)
         elem, rank = types.get(site.tensor, (TensorProto.UNDEFINED, None))
         reduced = None
-        if elem == TensorProto.FLOAT and rank is not None and rank >= 3:
+        # a site inside an If branch comes out whole: when the branch does not run, its output is an empty stand-in
+        if site.branch is None and elem == TensorProto.FLOAT and rank is not None and rank >= 3:
             unit_axis = 1 + resolve_unit_axis(rank - 1, site.layout, recorder.unit_axis_override)
             reduced = _reduce_site(site, rank, unit_axis, build)
         plans.append(_Plan(site, raw, reduced))
@@ -238,7 +239,7 @@ class OnnxCapture(Session):
             plan.reduced.outputs() if plan.reduced else plan.raw for plan in self._plans))
         self._first = _unique(chain(self._fast, chain.from_iterable(plan.raw for plan in self._plans)))
         self._session: ort.InferenceSession | None = None
-        self._stats: list[SiteStats] | None = None  # per plan, once the first run has created the sites
+        self._stats: list[SiteStats | None] | None = None  # per plan, once the first run has created the sites
         self._warned: set[str] = set()
 
     # lifecycle -------------------------------------------------------------
@@ -297,9 +298,10 @@ class OnnxCapture(Session):
     def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
         """(feed, real rows, rows fed): the whole batch, or chunks of the graph's fixed batch size with
         the last one zero-padded."""
-        first = feeds[self.input_names[0]] if self.input_names else None
-        rows = len(first) if first is not None and first.ndim else 0
-        dims = _dims(self._inputs[0]) if self._inputs else None
+        # rows from the first input with a batch axis (a scalar input, such as a sample rate, has none)
+        batched = [(value, feeds[value.name]) for value in self._inputs if feeds[value.name].ndim]
+        rows = len(batched[0][1]) if batched else 0
+        dims = _dims(batched[0][0]) if batched else None
         fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
         if fixed is None or rows == fixed:
             yield feeds, rows, rows
@@ -308,6 +310,9 @@ class OnnxCapture(Session):
             real = min(fixed, rows - start)
             chunk = {}
             for name, array in feeds.items():
+                if not array.ndim:
+                    chunk[name] = array
+                    continue
                 part = array[start:start + fixed]
                 if real < fixed:
                     part = np.concatenate([part, np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)])
@@ -327,37 +332,50 @@ class OnnxCapture(Session):
         first = self._stats is None
         fetched = self._fetch(feed, self._first if first else self._fast)
         rows = [partial(self._rows, fetched, real, fed, plan.site) for plan in self._plans]
-        if first:
-            self._create_sites(rows)
-        skip = 1 if first else 0  # a reduced site was created from its first row
+        created = self._create_sites(rows, fetched)
         folds = [plan.reduced is not None
-                 and _exact(plan.reduced, fetched[plan.reduced.shape], partial(get, start=skip))
-                 for plan, get in zip(self._plans, rows)]
+                 and _exact(plan.reduced, fetched[plan.reduced.shape], partial(get, start=1 if index in created else 0))
+                 for index, (plan, get) in enumerate(zip(self._plans, rows))]
         again = [plan.raw for plan, fold in zip(self._plans, folds) if plan.reduced is not None and not fold]
         if again and not first:  # run the batch again for those sites' tensors
             fetched.update(self._fetch(feed, _unique(chain.from_iterable(again))))
-        for plan, stats, get, fold in zip(self._plans, self._stats, rows, folds):
+        for index, (plan, stats, get, fold) in enumerate(zip(self._plans, self._stats, rows, folds)):
+            if stats is None or _not_run(plan, fetched):
+                continue  # a site in an If branch that has not run yet
             if plan.reduced is not None:
-                get = partial(get, start=skip)
+                get = partial(get, start=1 if index in created else 0)  # a reduced site was created from its first row
                 if len(get(plan.reduced.low)) == 0:
                     continue  # a one-row first batch: recorded when the site was created
-            elif first:
+            elif index in created:
                 continue  # recorded whole when the site was created
             if fold:
                 _fold(stats, plan.reduced, fetched[plan.reduced.shape], get)
             else:
                 stats.update(*_tensors(plan, get))
 
-    def _create_sites(self, rows: list[Rows]) -> None:
+    def _create_sites(self, rows: list[Rows], fetched: dict[str, np.ndarray]) -> set[int]:
         """The recorder names each site and fixes its shape and unit axis, from its tensor (one row of it
-        where the graph reduces the rest)."""
-        self.recorder.begin_forward()
-        before = len(self.recorder)
-        for plan, get in zip(self._plans, rows):
+        where the graph reduces the rest): every site in the first run, a site inside an If branch in the
+        first run its branch runs. Returns the plans created now."""
+        if self._stats is None:
+            self.recorder.begin_forward()
+            self._stats = [None] * len(self._plans)
+        created = set()
+        for index, (plan, get) in enumerate(zip(self._plans, rows)):
+            if self._stats[index] is not None or _not_run(plan, fetched):
+                continue
             out, inp = _tensors(plan, get if plan.reduced is None else partial(get, stop=1))
             self.recorder.record(plan.site.name, plan.site.activation, out, inp, layout=plan.site.layout,
-                                 tensor=plan.site.tensor, module=plan.site.module)
-        self._stats = [stats for _, _, stats in self.recorder.sites()[before:]]
+                                 tensor=plan.site.tensor, module=plan.site.module, node=plan.site.node)
+            self._stats[index] = self.recorder.sites()[-1][2]
+            created.add(index)
+        return created
+
+    def never_ran(self) -> list[dict[str, Any]]:
+        """Sites inside If branches that no batch ran, each with the reason it is not measured."""
+        return [{"name": plan.site.name, "op": plan.site.activation.op,
+                 "reason": _NEVER_RAN.format(branch=plan.site.branch), "reached": False}
+                for plan, stats in zip(self._plans, self._stats or [None] * len(self._plans)) if stats is None]
 
     def _fetch(self, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         return dict(zip(names, self._session.run(names, feed)))
@@ -381,9 +399,17 @@ class OnnxCapture(Session):
 
 
 def _tensors(plan: _Plan, get: Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out = torch.from_numpy(get(plan.site.tensor))
-    inp = torch.from_numpy(get(plan.site.input)) if plan.site.activation.active_from_input else None
+    out = torch.from_numpy(get(plan.site.fetch))
+    inp = torch.from_numpy(get(plan.site.fetch_input)) if plan.site.activation.active_from_input else None
     return out, inp
+
+
+def _not_run(plan: _Plan, fetched: dict[str, np.ndarray]) -> bool:
+    """Whether a site inside an If branch was skipped: the other branch ran and gave an empty stand-in."""
+    if plan.site.branch is None:
+        return False
+    value = fetched.get(plan.site.fetch)
+    return value is None or (value.ndim == 1 and value.size == 0)
 
 
 def _exact(reduced: _Reduced, shape: np.ndarray, get: Rows) -> bool:
