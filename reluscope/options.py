@@ -106,6 +106,8 @@ def _arch(value: Any, base: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- command line and API values
+MAX_SAMPLE_ELEMENTS = 2**31 - 1  # per sample: beyond int32 indexing, and 8 GB of float32 for each one
+MAX_SHAPE_AXES = 32
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """`3,224,224` (or `3x224x224`) as a tuple of positive ints."""
     if text is None:
@@ -116,6 +118,13 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--input-shape {text!r} must be comma-separated integers, e.g. 3,224,224") from exc
     if not shape or any(d < 1 for d in shape):
         raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
+    elements = 1
+    for d in shape:
+        elements *= d
+    if len(shape) > MAX_SHAPE_AXES or elements > MAX_SAMPLE_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r} asks for {elements:.3g} values in {len(shape)} axes per sample, more "
+                         f"than reluscope allocates (at most {MAX_SAMPLE_ELEMENTS:,} values, {MAX_SHAPE_AXES} axes); "
+                         "give the shape of one sample, e.g. 3,224,224")
     return shape
 
 
@@ -201,6 +210,9 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("trust_checkpoint", False, bool, ("--trust-checkpoint",), "Allow unpickling code from the checkpoint "
            "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for files you trust.", None,
            not_in_config=TRUST_CHECKPOINT_NOT_IN_CONFIG),
+    Option("timeout", None, Optional[float], ("--timeout",), "Stop with exit 2 when the analysis (loading the "
+           "model included) takes longer than SECONDS: for CI, against a model that never finishes. Ctrl-C "
+           "stops any analysis within a second (exit 130).", _float, analysis=False, metavar="SECONDS"),
     Option("fail_on", None, Optional[List[str]], ("--fail-on",), FAIL_ON_HELP, _rules, analysis=False,
            metavar="RULE", diff=True),
     Option("junit", None, Optional[Path], ("--junit",), "Also write the gate results as JUnit XML (one test case "

@@ -68,6 +68,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path}: cannot read it: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); TOML files are UTF-8, re-save it as such") from exc
+    except RecursionError as exc:
+        raise UsageError(f"config file {path} nests arrays or tables too deeply to read; a reluscope config "
+                         "holds flat keys and lists of strings") from exc
 
 
 def _table_of(path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
@@ -107,6 +113,11 @@ def _mentions_reluscope(pyproject: Path) -> bool:
         return False
     try:
         document = tomllib.loads(text)
+    except RecursionError as exc:
+        if "[tool.reluscope" in text:
+            raise UsageError(f"config file {pyproject} nests arrays or tables too deeply to read; a reluscope "
+                             "config holds flat keys and lists of strings") from exc
+        return False
     except tomllib.TOMLDecodeError as exc:
         if "[tool.reluscope" in text:  # ours, but broken: say so rather than ignore it
             raise UsageError(f"config file {pyproject} is not valid TOML: {exc}") from exc

@@ -22,7 +22,11 @@ def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> A
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and local_rank and torch.cuda.is_available():
         requested = f"cuda:{local_rank % torch.cuda.device_count()}"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {requested}: torch does not accept it ({exc}); use auto, cpu, cuda or "
+                         "cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {requested}: no CUDA GPU is available here; use --device cpu or auto")
