@@ -64,7 +64,13 @@ def _load_settings(config_file: Optional[Path], no_config: bool) -> Any:
         if config_file is not None:
             raise UsageError("--config and --no-config exclude each other")
         return Settings()
-    return load_settings(config_file)
+    settings = load_settings(config_file)
+    from .present.cells import visible
+
+    for note in settings.warnings:
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " ", visible(note)), highlight=False,
+                          soft_wrap=True)
+    return settings
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -81,6 +87,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+_OUT_OF_MEMORY = "reluscope ran out of memory; give it less at a time (--batch-size, --input-shape, --max-samples)"
 _ABANDONED: list[threading.Thread] = []  # workers given up on (interrupted, timed out)
 _SIGNAL_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
 
@@ -140,10 +147,12 @@ def run_guarded(action: Callable[[], int], debug: bool) -> None:
     except MemoryError:
         if debug:
             traceback.print_exc()
-        _fail("reluscope ran out of memory; give it less at a time (--batch-size, --input-shape, --max-samples)")
+        _fail(_OUT_OF_MEMORY)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: exit 3, not a traceback
         if debug:
             traceback.print_exc()
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            _fail(_OUT_OF_MEMORY)
         _fail(f"internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback and report it",
               EXIT_INTERNAL)
     else:

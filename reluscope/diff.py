@@ -38,6 +38,11 @@ def _number(value: Any) -> bool:
     return abs(value) <= _MAX_NUMBER if isinstance(value, int) else math.isfinite(value)
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _kind_problem(metric: Metric, value: Any) -> str | None:
     """What is wrong with `value` for a catalogue field, or None."""
     if value is None:
@@ -47,9 +52,9 @@ def _kind_problem(metric: Metric, value: Any) -> str | None:
         return None if isinstance(value, str) else f"is {type(value).__name__}, not text"
     if kind in ("count", "index"):
         return None if _number(value) and isinstance(value, int) and value >= 0 else \
-            f"is {value!r}, not a whole number >= 0"
+            f"is {_shown(value)}, not a whole number >= 0"
     if kind in ("fraction", "number", "nonneg"):
-        return None if _number(value) else f"is {value!r}, not a number"
+        return None if _number(value) else f"is {_shown(value)}, not a number"
     if kind in ("unit_list", "shape"):
         ok = isinstance(value, list) and all(_number(v) and isinstance(v, int) and v >= 0 for v in value)
         return None if ok else "is not a list of whole numbers >= 0"
@@ -71,12 +76,12 @@ def _check_fields(path: Path, where: str, entry: Mapping[str, Any], fields: tupl
         if metric.name not in entry:
             if metric.required:
                 raise InputError(f"{path}: {where} has no {metric.name!r}; give a report written by "
-                                 "`reluscope analyze -f json -o FILE`")
+                                 "reluscope analyze -f json -o FILE")
             continue
         problem = _kind_problem(metric, entry[metric.name])
         if problem:
             raise InputError(f"{path}: {where}.{metric.name} {problem.lstrip('.') if problem[0] == '.' else problem}; "
-                             "the report is damaged or was edited, write it again with `reluscope analyze -f json`")
+                             "the report is damaged or was edited, write it again with reluscope analyze -f json")
 
 
 def _check_report(path: Path, report: Mapping[str, Any]) -> None:
@@ -84,10 +89,11 @@ def _check_report(path: Path, report: Mapping[str, Any]) -> None:
     one clear line, never a crash halfway through the comparison."""
     for key in ("model", "data", "run", "tool"):
         if report.get(key) is not None and not isinstance(report[key], dict):
-            raise InputError(f"{path}: `{key}` must be an object, not {type(report[key]).__name__}")
+            raise InputError(f"{path}: {key} must be an object, not {type(report[key]).__name__}; the report is damaged "
+                             "or was edited, write it again with reluscope analyze -f json")
     samples = (report.get("data") or {}).get("samples")
     if samples is not None and not (_number(samples) and isinstance(samples, int)):
-        raise InputError(f"{path}: data.samples is {samples!r}, not a whole number")
+        raise InputError(f"{path}: data.samples is {_shown(samples)}, not a whole number")
     seen: set[str] = set()
     for index, layer in enumerate(report["layers"]):
         if layer["name"] in seen:
@@ -119,7 +125,7 @@ def load_report(path: Path) -> dict[str, Any]:
                          "`reluscope analyze -f json -o FILE`") from exc
     except RecursionError as exc:
         raise InputError(f"{path} nests arrays or objects too deeply to be a report; give a report written by "
-                         "`reluscope analyze -f json -o FILE`") from exc
+                         "reluscope analyze -f json -o FILE") from exc
     except ValueError as exc:
         raise InputError(f"{path}: {exc}; reports hold null, never NaN or Infinity") from exc
     if not isinstance(report, dict) or "layers" not in report or "summary" not in report:

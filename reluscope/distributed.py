@@ -42,8 +42,9 @@ def _env_int(name: str, default: int, low: int) -> int:
     except ValueError:
         value = None
     if value is None or value < low or value > 1_000_000:
-        raise UsageError(f"environment variable {name}={text!r} is not a whole number of at least {low}; torchrun sets "
-                         f"it, so unset it (unset {name}) to run in one process, or start reluscope with torchrun")
+        what = "process count" if name == "WORLD_SIZE" else "rank"
+        raise UsageError(f"environment variable {name}={text!r} is not a valid {what}; torchrun sets it: unset {name} "
+                         "to run in one process, or start reluscope with torchrun")
     return value
 
 

@@ -122,9 +122,9 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     for d in shape:
         elements *= d
     if len(shape) > MAX_SHAPE_AXES or elements > MAX_SAMPLE_ELEMENTS:
-        raise UsageError(f"--input-shape {text!r} asks for {elements:.3g} values in {len(shape)} axes per sample, more "
-                         f"than reluscope allocates (at most {MAX_SAMPLE_ELEMENTS:,} values, {MAX_SHAPE_AXES} axes); "
-                         "give the shape of one sample, e.g. 3,224,224")
+        raise UsageError(f"--input-shape {text!r} asks for {elements:.3g} values per sample, more than reluscope "
+                         f"allocates (at most {MAX_SAMPLE_ELEMENTS:,} values in at most {MAX_SHAPE_AXES} axes); give the "
+                         "shape of one sample, e.g. 3,224,224")
     return shape
 
 
@@ -158,6 +158,9 @@ class Option:
     from_api: Callable[[Any], Any] = _same  # reluscope.analyze keyword value -> AnalyzeConfig value
     metavar: str | None = None
     not_in_config: str | None = None  # why a config file must not set it; said when one tries
+    # what it can do (run code, write a file), for a key that a config file found above the
+    # repository root may not set (settings.py ignores it there, and says so)
+    powerful: str | None = None
     diff: bool = False  # `reluscope diff` reads the same key from its own table
 
     @property
@@ -180,7 +183,7 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("data", None, Optional[Path], ("--data", "-d"), "Calibration data: .npy, .npz (x/inputs, y/labels), "
            ".pt (tensor, tuple or dict) or a folder of images.", _path, analysis=False),
     Option("arch", None, Optional[str], ("--arch",), "Architecture factory for a state_dict: FILE.py:FACTORY "
-           "or package.module:FACTORY.", _arch),
+           "or package.module:FACTORY.", _arch, powerful="it runs Python code"),
     Option("input_shape", None, Optional[str], ("--input-shape",), "Per-sample input shape, e.g. 3,224,224: "
            "for synthetic data and for resizing image folders.", _shape,
            field_type=Optional[Tuple[int, ...]], from_cli=_shape_from_text, from_api=_shape_from_api),
@@ -212,11 +215,11 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
            not_in_config=TRUST_CHECKPOINT_NOT_IN_CONFIG),
     Option("timeout", None, Optional[float], ("--timeout",), "Stop with exit 2 when the analysis (loading the "
            "model included) takes longer than SECONDS: for CI, against a model that never finishes. Ctrl-C "
-           "stops any analysis within a second (exit 130).", _float, analysis=False, metavar="SECONDS"),
+           "stops any analysis within a second (exit 130).", None, analysis=False, metavar="SECONDS"),
     Option("fail_on", None, Optional[List[str]], ("--fail-on",), FAIL_ON_HELP, _rules, analysis=False,
            metavar="RULE", diff=True),
     Option("junit", None, Optional[Path], ("--junit",), "Also write the gate results as JUnit XML (one test case "
-           "per --fail-on rule).", _path, analysis=False, metavar="FILE", diff=True),
+           "per --fail-on rule).", _path, analysis=False, metavar="FILE", diff=True, powerful="it writes a file"),
     Option("config_file", None, Optional[Path], ("--config",), CONFIG_HELP, None, analysis=False, metavar="FILE"),
     Option("no_config", False, bool, ("--no-config",), "Ignore config files.", None, analysis=False),
     Option("quiet", False, bool, ("--quiet", "-q"), "No progress bar or summary on stderr.", None, analysis=False),
