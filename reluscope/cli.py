@@ -2,12 +2,23 @@
 
 Imports here stay light (typer, rich): `reluscope --help` must not pay for torch.
 Domain errors become one line on stderr and exit code 2; anything else is exit code 3.
+SIGINT (Ctrl-C) and SIGTERM end any command within a fraction of a second with exit 130 / 143
+and one line: the analysis runs in a worker thread (a model's forward pass may never return to
+Python: an ONNX `Loop` with a 2^62 trip count, a TorchScript `while`), the main thread waits for
+it and handles the signals and `--timeout`; nothing has been written while the analysis runs, and
+the writes afterwards leave no temporary file (output.write_together). When the worker is still
+stuck in the model, the process ends with `os._exit` after the error line.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -15,7 +26,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
 from .options import ANALYZE_OPTIONS, CONFIG_HELP, Option, OutputFormat
@@ -53,18 +64,70 @@ def _load_settings(config_file: Optional[Path], no_config: bool) -> Any:
         if config_file is not None:
             raise UsageError("--config and --no-config exclude each other")
         return Settings()
-    return load_settings(config_file)
+    settings = load_settings(config_file)
+    from .present.cells import visible
+
+    for note in settings.warnings:
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " ", visible(note)), highlight=False,
+                          soft_wrap=True)
+    return settings
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from .present.cells import visible
+
+    err_console.print(Text.assemble(("error:", "bold red"), " ", visible(message)), highlight=False, soft_wrap=True)
+    if _ABANDONED:
+        # a worker given up on may still be in the model's forward pass, or have left native
+        # threads of onnxruntime/torch running: leave now, without the interpreter's shutdown
+        # (which would tear the runtime down under them and abort)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise typer.Exit(code)
+
+
+_OUT_OF_MEMORY = "reluscope ran out of memory; give it less at a time (--batch-size, --input-shape, --max-samples)"
+_ABANDONED: list[threading.Thread] = []  # workers given up on (interrupted, timed out)
+_SIGNAL_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+def in_worker(work: Callable[[], Any], timeout: Optional[float] = None) -> Any:
+    """`work()` in a worker thread, while this thread waits: Ctrl-C and SIGTERM (as `Interrupted`)
+    and `timeout` end the wait however long the work is stuck in native code."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="reluscope-analysis", daemon=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    thread.start()
+    try:
+        while thread.is_alive():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                raise UsageError(f"the analysis did not finish within --timeout {timeout:g} s (a model that never "
+                                 "finishes, or more data than that time allows); raise --timeout, or pass fewer "
+                                 "samples with --max-samples")
+            thread.join(left)
+    except BaseException:
+        _ABANDONED.append(thread)
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def run_guarded(action: Callable[[], int], debug: bool) -> None:
     """Run a command body, mapping errors to the exit-code contract."""
+    from .output import Interrupted, handling_signals
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), handling_signals():
             if not debug:
                 # Python warnings from torch/numpy/onnx (e.g. torch.load's notes on a damaged pickle's
                 # protocol) would print two lines of library source before our one line; reluscope's
@@ -77,11 +140,19 @@ def run_guarded(action: Callable[[], int], debug: bool) -> None:
         if debug:
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
+    except Interrupted as exc:
+        _fail(_SIGNAL_NAMES.get(exc.signum, f"stopped by signal {exc.signum}"), 128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        _fail(_OUT_OF_MEMORY)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: exit 3, not a traceback
         if debug:
             traceback.print_exc()
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            _fail(_OUT_OF_MEMORY)
         _fail(f"internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback and report it",
               EXIT_INTERNAL)
     else:
@@ -140,7 +211,10 @@ def analyze(
                 check_writable(target)
         check_distinct_outputs({"-o": output, "--junit": opts["junit"]},
                                {"the model": model, "--data": opts["data"], "--arch": opts["arch"]})
-        report = _run_with_progress(model, opts["data"], config, quiet)
+        timeout = opts["timeout"]
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
+        report = _run_with_progress(model, opts["data"], config, quiet, timeout)
         from .distributed import world_from_env
 
         if not world_from_env().is_main:
@@ -154,12 +228,13 @@ def analyze(
     run_guarded(body, debug)
 
 
-def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bool) -> Any:
+def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bool, timeout: Optional[float]) -> Any:
+    """The analysis in a worker thread (see `in_worker`), with a progress bar on a terminal."""
     from .api import run_analysis
 
     show = not quiet and sys.stderr.isatty()
     if not show:
-        return run_analysis(model, data, config)
+        return in_worker(lambda: run_analysis(model, data, config), timeout)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]analysing"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
@@ -172,7 +247,7 @@ def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bo
         def advance(samples: int) -> None:
             bar.advance(task, samples)
 
-        return run_analysis(model, data, config, progress=advance, on_start=on_start)
+        return in_worker(lambda: run_analysis(model, data, config, progress=advance, on_start=on_start), timeout)
 
 
 @app.command("diff")

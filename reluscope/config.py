@@ -8,10 +8,14 @@ line, as a keyword of `reluscope.analyze` and (where declared) as a config-file 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from .errors import UsageError
 from .options import ANALYSIS_OPTIONS, Option
+
+
+MAX_DEVICE_INDEX = 1023
 
 
 def _validate(self: Any) -> None:
@@ -21,13 +25,17 @@ def _validate(self: Any) -> None:
         raise UsageError(f"--max-samples must be at least 1, not {self.max_samples}")
     if not 0.0 <= self.rare_threshold <= 1.0:
         raise UsageError(f"--rare-threshold must lie in [0, 1], not {self.rare_threshold}")
-    if self.dormant_tau < 0.0:
-        raise UsageError(f"--dormant-tau must be non-negative, not {self.dormant_tau}")
+    if not (math.isfinite(self.dormant_tau) and self.dormant_tau >= 0.0):
+        raise UsageError(f"--dormant-tau must be a non-negative finite number, not {self.dormant_tau}")
     if self.stats_kernel not in ("auto", "triton", "torch"):
         raise UsageError(f"--stats-kernel {self.stats_kernel!r} must be auto, triton or torch")
     device = self.device.lower()
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isascii()
+            and device[5:].isdigit()):
         raise UsageError(f"--device {self.device!r} must be auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda:") and int(device[5:]) > MAX_DEVICE_INDEX:
+        raise UsageError(f"--device {self.device}: no machine has that many GPUs; use cuda:N with N the index of a "
+                         "visible GPU (nvidia-smi lists them), or auto")
 
 
 def _from_cli(cls: type, values: Mapping[str, Any]) -> Any:

@@ -442,6 +442,10 @@ class _ImageStack:
                 with Image.open(file) as image:
                     image = image.convert("L" if self.channels == 1 else "RGB").resize((self.width, self.height))
                     array = np.asarray(image, dtype=np.float32) / 255.0
+            except Image.DecompressionBombError as exc:
+                raise InputError(f"refused to decode image {file}: {str(exc).split(',')[0]} (Pillow's guard against "
+                                 "decompression bombs); calibration images need far fewer pixels, remove or shrink "
+                                 "it") from exc
             except (UnidentifiedImageError, OSError) as exc:
                 raise InputError(f"cannot decode image {file}: {exc}") from exc
             out.append(array[None] if self.channels == 1 else array.transpose(2, 0, 1))

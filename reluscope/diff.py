@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ._version import __version__
 from .errors import InputError
 from .gate import Rule, evaluate_rule, parse_rules, site_metrics, summary_metrics
-from .metrics import change_metrics
+from .metrics import GRADIENT_FLOW, SITE_FIELDS, SUMMARY_FIELDS, Metric, change_metrics
 from .report import SCHEMA_VERSION
 
 DEFAULT_RULES = ("delta.dead_units>0", "*:delta.dead_units>0")
@@ -27,6 +27,85 @@ CHANGE_METRICS = change_metrics()
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_MAX_NUMBER = 1.7e308  # a JSON number beyond float64 (10**400) is no measurement
+
+
+def _number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= _MAX_NUMBER if isinstance(value, int) else math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind_problem(metric: Metric, value: Any) -> str | None:
+    """What is wrong with `value` for a catalogue field, or None."""
+    if value is None:
+        return None if metric.nullable or not metric.required else "is null"
+    kind = metric.kind
+    if kind in ("name", "text"):
+        return None if isinstance(value, str) else f"is {type(value).__name__}, not text"
+    if kind in ("count", "index"):
+        return None if _number(value) and isinstance(value, int) and value >= 0 else \
+            f"is {_shown(value)}, not a whole number >= 0"
+    if kind in ("fraction", "number", "nonneg"):
+        return None if _number(value) else f"is {_shown(value)}, not a number"
+    if kind in ("unit_list", "shape"):
+        ok = isinstance(value, list) and all(_number(v) and isinstance(v, int) and v >= 0 for v in value)
+        return None if ok else "is not a list of whole numbers >= 0"
+    if kind == "numbers":
+        ok = isinstance(value, dict) and all(v is None or _number(v) for v in value.values())
+        return None if ok else "is not an object of numbers"
+    if not isinstance(value, dict):
+        return f"is {type(value).__name__}, not an object"
+    for member in metric.members:
+        if member.name in value:
+            problem = _kind_problem(member, value[member.name])
+            if problem:
+                return f".{member.name} {problem}"
+    return None
+
+
+def _check_fields(path: Path, where: str, entry: Mapping[str, Any], fields: tuple[Metric, ...]) -> None:
+    for metric in fields:
+        if metric.name not in entry:
+            if metric.required:
+                raise InputError(f"{path}: {where} has no {metric.name!r}; give a report written by "
+                                 "reluscope analyze -f json -o FILE")
+            continue
+        problem = _kind_problem(metric, entry[metric.name])
+        if problem:
+            raise InputError(f"{path}: {where}.{metric.name} {problem.lstrip('.') if problem[0] == '.' else problem}; "
+                             "the report is damaged or was edited, write it again with reluscope analyze -f json")
+
+
+def _check_report(path: Path, report: Mapping[str, Any]) -> None:
+    """Every field diff reads has its documented type (metrics.py): a damaged or edited report is
+    one clear line, never a crash halfway through the comparison."""
+    for key in ("model", "data", "run", "tool"):
+        if report.get(key) is not None and not isinstance(report[key], dict):
+            raise InputError(f"{path}: {key} must be an object, not {type(report[key]).__name__}; the report is damaged "
+                             "or was edited, write it again with reluscope analyze -f json")
+    samples = (report.get("data") or {}).get("samples")
+    if samples is not None and not (_number(samples) and isinstance(samples, int)):
+        raise InputError(f"{path}: data.samples is {_shown(samples)}, not a whole number")
+    seen: set[str] = set()
+    for index, layer in enumerate(report["layers"]):
+        if layer["name"] in seen:
+            raise InputError(f"{path}: two sites are named {layer['name']!r}; site names in a report are unique")
+        seen.add(layer["name"])
+        _check_fields(path, f"layers[{index}]", layer, SITE_FIELDS)
+    _check_fields(path, "summary", report["summary"], SUMMARY_FIELDS)
+    flow = report.get("gradient_flow")
+    if flow is not None:
+        problem = _kind_problem(GRADIENT_FLOW, flow)
+        if problem:
+            raise InputError(f"{path}: gradient_flow{problem if problem[0] == '.' else ' ' + problem}")
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -44,6 +123,9 @@ def load_report(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); give a report written by "
                          "`reluscope analyze -f json -o FILE`") from exc
+    except RecursionError as exc:
+        raise InputError(f"{path} nests arrays or objects too deeply to be a report; give a report written by "
+                         "reluscope analyze -f json -o FILE") from exc
     except ValueError as exc:
         raise InputError(f"{path}: {exc}; reports hold null, never NaN or Infinity") from exc
     if not isinstance(report, dict) or "layers" not in report or "summary" not in report:
@@ -59,6 +141,7 @@ def load_report(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: `layers` must be a list of sites with names")
     if not isinstance(report["summary"], dict):
         raise InputError(f"{path}: `summary` must be an object")
+    _check_report(path, report)
     return report
 
 

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -31,11 +33,31 @@ class World:
         return batch_index % self.size == self.rank
 
 
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or value > 1_000_000:
+        what = "process count" if name == "WORLD_SIZE" else "rank"
+        raise UsageError(f"environment variable {name}={text!r} is not a valid {what}; torchrun sets it: unset {name} "
+                         "to run in one process, or start reluscope with torchrun")
+    return value
+
+
 def world_from_env() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """The torchrun world from RANK, WORLD_SIZE and LOCAL_RANK; checked, since any shell may set them."""
+    size = _env_int("WORLD_SIZE", 1, 0)
     if size <= 1:
         return World()
-    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+    rank = _env_int("RANK", 0, 0)
+    if rank >= size:
+        raise UsageError(f"environment variable RANK={rank} is not below WORLD_SIZE={size}; torchrun sets both, so "
+                         "unset them to run in one process, or start reluscope with torchrun")
+    return World(rank, size, _env_int("LOCAL_RANK", 0, 0))
 
 
 def init(world: World, device: Any) -> None:

@@ -106,6 +106,8 @@ def _arch(value: Any, base: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- command line and API values
+MAX_SAMPLE_ELEMENTS = 2**31 - 1  # per sample: beyond int32 indexing, and 8 GB of float32 for each one
+MAX_SHAPE_AXES = 32
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """`3,224,224` (or `3x224x224`) as a tuple of positive ints."""
     if text is None:
@@ -116,6 +118,13 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--input-shape {text!r} must be comma-separated integers, e.g. 3,224,224") from exc
     if not shape or any(d < 1 for d in shape):
         raise UsageError(f"--input-shape {text!r} must be positive integers, e.g. 3,224,224")
+    elements = 1
+    for d in shape:
+        elements *= d
+    if len(shape) > MAX_SHAPE_AXES or elements > MAX_SAMPLE_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r} asks for {elements:.3g} values per sample, more than reluscope "
+                         f"allocates (at most {MAX_SAMPLE_ELEMENTS:,} values in at most {MAX_SHAPE_AXES} axes); give the "
+                         "shape of one sample, e.g. 3,224,224")
     return shape
 
 
@@ -149,6 +158,9 @@ class Option:
     from_api: Callable[[Any], Any] = _same  # reluscope.analyze keyword value -> AnalyzeConfig value
     metavar: str | None = None
     not_in_config: str | None = None  # why a config file must not set it; said when one tries
+    # what it can do (run code, write a file), for a key that a config file found above the
+    # repository root may not set (settings.py ignores it there, and says so)
+    powerful: str | None = None
     diff: bool = False  # `reluscope diff` reads the same key from its own table
 
     @property
@@ -171,7 +183,7 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("data", None, Optional[Path], ("--data", "-d"), "Calibration data: .npy, .npz (x/inputs, y/labels), "
            ".pt (tensor, tuple or dict) or a folder of images.", _path, analysis=False),
     Option("arch", None, Optional[str], ("--arch",), "Architecture factory for a state_dict: FILE.py:FACTORY "
-           "or package.module:FACTORY.", _arch),
+           "or package.module:FACTORY.", _arch, powerful="it runs Python code"),
     Option("input_shape", None, Optional[str], ("--input-shape",), "Per-sample input shape, e.g. 3,224,224: "
            "for synthetic data and for resizing image folders.", _shape,
            field_type=Optional[Tuple[int, ...]], from_cli=_shape_from_text, from_api=_shape_from_api),
@@ -201,10 +213,13 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("trust_checkpoint", False, bool, ("--trust-checkpoint",), "Allow unpickling code from the checkpoint "
            "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for files you trust.", None,
            not_in_config=TRUST_CHECKPOINT_NOT_IN_CONFIG),
+    Option("timeout", None, Optional[float], ("--timeout",), "Stop with exit 2 when the analysis (loading the "
+           "model included) takes longer than SECONDS: for CI, against a model that never finishes. Ctrl-C "
+           "stops any analysis within a second (exit 130).", None, analysis=False, metavar="SECONDS"),
     Option("fail_on", None, Optional[List[str]], ("--fail-on",), FAIL_ON_HELP, _rules, analysis=False,
            metavar="RULE", diff=True),
     Option("junit", None, Optional[Path], ("--junit",), "Also write the gate results as JUnit XML (one test case "
-           "per --fail-on rule).", _path, analysis=False, metavar="FILE", diff=True),
+           "per --fail-on rule).", _path, analysis=False, metavar="FILE", diff=True, powerful="it writes a file"),
     Option("config_file", None, Optional[Path], ("--config",), CONFIG_HELP, None, analysis=False, metavar="FILE"),
     Option("no_config", False, bool, ("--no-config",), "Ignore config files.", None, analysis=False),
     Option("quiet", False, bool, ("--quiet", "-q"), "No progress bar or summary on stderr.", None, analysis=False),

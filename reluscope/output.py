@@ -12,17 +12,25 @@ What `-o`/`--junit FILE` does depends on what FILE is now:
 - any other symbolic link: refused (exit 2). Writing through a link would touch a file the
   command line does not name, and replacing it would silently break it.
 - a block device, socket or folder: refused.
+
+`write_together` writes `-o` and `--junit` so that both land or neither does: each is staged in
+full (written, flushed, synced) as a hidden temporary file beside its target before either is
+renamed into place; a failed rename puts back what the earlier one replaced; a temporary file
+never outlives the run, also when SIGINT or SIGTERM arrives (`on_signal` raises `Interrupted`,
+and while the renames run it is held back until they are done).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import InputError, UsageError
 
@@ -156,14 +164,61 @@ def _write_stream(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename over it: readers see all or nothing.
-    A device, FIFO or standard stream is written as a stream instead (see the module's doc)."""
-    check_writable(path)
-    kind = _kind(path)
-    if kind == "stream":
-        _write_stream(path, text)
+# ----------------------------------------------------------------------------- signals
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM arrived; the CLI exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_held = 0  # > 0 while renames run: a signal then waits for them
+_pending: list[int] = []
+
+
+def on_signal(signum: int, frame: Any = None) -> None:
+    """The CLI's SIGINT/SIGTERM handler: raise `Interrupted`, unless renames are under way."""
+    if _held:
+        _pending.append(signum)
         return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handling_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread while the block runs (the
+    previous handlers come back after it). Elsewhere than the main thread: nothing changes."""
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {signum: signal.signal(signum, on_signal) for signum in wanted}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- writing
+def _stage(path: Path, text: str, kind: str) -> str:
+    """The whole text in a hidden temporary file beside `path`, synced to disk; its name."""
     parent = path.parent if str(path.parent) else Path(".")
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode) if kind == "file" else 0o666 & ~_umask()
@@ -179,15 +234,76 @@ def write_atomic(path: Path, text: str) -> None:
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        if _kind(path) not in ("new", "file"):  # became a link or device meanwhile: never replace it
-            raise InputError(f"cannot write {path}: it changed into a link or special file while reluscope ran")
-        os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def _commit(staged: Sequence[tuple[str, Path]]) -> None:
+    """Rename each staged file over its target; when one fails, the earlier ones are undone."""
+    done: list[tuple[Path, str | None]] = []  # target, a hard link to what it replaced (None: it was new)
+    try:
+        for tmp, path in staged:
+            kind = _kind(path)
+            if kind not in ("new", "file"):  # became a link or device meanwhile: never replace it
+                raise InputError(f"cannot write {path}: it changed into a link or special file while reluscope ran")
+            backup = None
+            if kind == "file" and len(staged) > 1:
+                backup = f"{tmp}.old"
+                os.link(path, backup)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if backup is not None:
+                    Path(backup).unlink(missing_ok=True)
+                raise
+            done.append((path, backup))
+    except BaseException as exc:
+        for path, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    path.unlink()
+                else:
+                    os.replace(backup, path)
+        if isinstance(exc, OSError):
+            failed = staged[len(done)][1]
+            raise InputError(f"cannot write {failed}: {exc.strerror}; nothing was written") from exc
+        raise
+    finally:
+        for _, backup in done:
+            if backup is not None:
+                Path(backup).unlink(missing_ok=True)
+
+
+def write_together(outputs: Sequence[tuple[Path, str]]) -> None:
+    """Write each (path, text): files land all together or none does (see the module's doc);
+    devices, FIFOs and standard streams are written after the files, as streams."""
+    for path, _ in outputs:
+        check_writable(path)
+    kinds = [(path, text, _kind(path)) for path, text in outputs]
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text, kind in kinds:
+            if kind != "stream":
+                staged.append((_stage(path, text, kind), path))
+        with _signals_held():
+            _commit(staged)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)  # renamed: gone already
+    for path, text, kind in kinds:
+        if kind == "stream":
+            _write_stream(path, text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename over it: readers see all or nothing.
+    A device, FIFO or standard stream is written as a stream instead (see the module's doc)."""
+    write_together([(path, text)])
 
 
 def emit(text: str, output: Path | None) -> None:

@@ -5,6 +5,14 @@ first directory that holds `.git` (the project root). In each directory `relusco
 `pyproject.toml`; a pyproject.toml without a `[tool.reluscope]` table is passed over. `--config FILE`
 names a file directly and `--no-config` skips the lookup.
 
+A file found by the lookup is data from wherever the current folder is, so two rules hold (as
+git's safe.directory does for repositories):
+- a file, or its folder, that belongs to another user (neither you nor root) is passed over, with
+  a warning: on a shared machine anyone can put a reluscope.toml in /tmp or a shared folder;
+- a file above the repository root (no `.git` up to it: the repository root is then the current
+  folder) may not set the keys that run code or write files (`arch`, `junit`): they are ignored,
+  with a warning. The other keys apply. `--config FILE` is the user's own choice and is exempt.
+
 Keys are the long option names without the dashes; relative paths (`data`, the file part of
 `arch`, `junit`) are relative to the directory of the config file. Options given on the command line
 win over the file. `reluscope diff` reads its own sub-table, `[tool.reluscope.diff]` (or `[diff]` in
@@ -22,6 +30,7 @@ reluscope.toml), with `fail-on` and `format`.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +62,7 @@ class Settings:
     path: Path | None = None
     analyze: dict[str, Any] = field(default_factory=dict)
     diff: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # config files passed over, keys ignored
 
     def describe(self) -> str:
         if self.path is None:
@@ -68,6 +78,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path}: cannot read it: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); TOML files are UTF-8, re-save it as such") from exc
+    except RecursionError as exc:
+        raise UsageError(f"config file {path} nests arrays or tables too deeply to read; a reluscope config "
+                         "holds flat keys and lists of strings") from exc
 
 
 def _table_of(path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
@@ -83,19 +99,52 @@ def _table_of(path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
     return document
 
 
-def find_config(start: Path | None = None) -> Path | None:
-    """The nearest reluscope.toml, or pyproject.toml with [tool.reluscope], from `start` upwards."""
+def _foreign_owner(path: Path) -> int | None:
+    """The owner of `path`, or of its folder, when that is neither this user nor root."""
+    if not hasattr(os, "geteuid"):
+        return None  # Windows: no uid to compare
+    for item in (path, path.parent):
+        try:
+            uid = item.stat().st_uid
+        except OSError:
+            continue
+        if uid not in (os.geteuid(), 0):
+            return uid
+    return None
+
+
+@dataclass(frozen=True)
+class _Found:
+    path: Path | None
+    above_root: bool = False  # found in a folder above the repository root
+    warnings: tuple[str, ...] = ()
+
+
+def _lookup(start: Path | None) -> _Found:
     here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        candidate = folder / CONFIG_FILE
-        if candidate.is_file():
-            return candidate
-        pyproject = folder / PYPROJECT
-        if pyproject.is_file() and _mentions_reluscope(pyproject):
-            return pyproject
+    chain = (here, *here.parents)
+    notes: list[str] = []
+    for depth, folder in enumerate(chain):
+        for candidate in (folder / CONFIG_FILE, folder / PYPROJECT):
+            if not candidate.is_file() or candidate.name == PYPROJECT and not _mentions_reluscope(candidate):
+                continue
+            owner = _foreign_owner(candidate)
+            if owner is not None:
+                notes.append(f"ignored config file {candidate}: it or its folder belongs to another user (uid {owner}), "
+                             "and a config file decides what reluscope runs and writes; use --config FILE to "
+                             "read it anyway")
+                continue
+            in_repository = any((above / ".git").exists() for above in chain[depth:])
+            return _Found(candidate, depth > 0 and not in_repository, tuple(notes))
         if (folder / ".git").exists():
             break
-    return None
+    return _Found(None, warnings=tuple(notes))
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """The nearest reluscope.toml, or pyproject.toml with [tool.reluscope], from `start` upwards,
+    that belongs to this user or root (the module's doc)."""
+    return _lookup(start).path
 
 
 def _mentions_reluscope(pyproject: Path) -> bool:
@@ -107,6 +156,11 @@ def _mentions_reluscope(pyproject: Path) -> bool:
         return False
     try:
         document = tomllib.loads(text)
+    except RecursionError as exc:
+        if "[tool.reluscope" in text:
+            raise UsageError(f"config file {pyproject} nests arrays or tables too deeply to read; a reluscope "
+                             "config holds flat keys and lists of strings") from exc
+        return False
     except tomllib.TOMLDecodeError as exc:
         if "[tool.reluscope" in text:  # ours, but broken: say so rather than ignore it
             raise UsageError(f"config file {pyproject} is not valid TOML: {exc}") from exc
@@ -135,12 +189,28 @@ def _convert(path: Path, table: Mapping[str, Any], keys: Mapping[str, Option], w
     return out
 
 
+def _powerless(path: Path, table: Mapping[str, Any], where: str, notes: list[str]) -> dict[str, Any]:
+    """`table` without the keys that run code or write files, each one dropped said in `notes`."""
+    kept = {}
+    for key, value in table.items():
+        option = ANALYZE_KEYS.get(key)
+        if option is not None and option.powerful:
+            notes.append(f"ignored {key!r} in {where} of config file {path}: the file is above the repository root "
+                         f"(no .git between it and the current folder) and {option.powerful}; pass --{key} on the "
+                         "command line, or --config FILE")
+            continue
+        kept[key] = value
+    return kept
+
+
 def load_settings(path: Path | None = None, *, start: Path | None = None) -> Settings:
     """Settings from `path`, or from the file `find_config` finds; empty Settings when there is none."""
+    found = _Found(path)
     if path is None:
-        path = find_config(start)
+        found = _lookup(start)
+        path = found.path
         if path is None:
-            return Settings()
+            return Settings(warnings=found.warnings)
     elif not path.is_file():
         raise UsageError(f"--config {path}: no such file")
     document = _read_toml(path)
@@ -153,5 +223,9 @@ def load_settings(path: Path | None = None, *, start: Path | None = None) -> Set
     if not isinstance(diff_table, dict):
         raise UsageError(f"config file {path}: {DIFF_TABLE!r} must be a table ([tool.reluscope.diff])")
     diff_where = "[tool.reluscope.diff]" if path.name == PYPROJECT else "[diff]"
+    notes = list(found.warnings)
+    if found.above_root:
+        analyze_table = _powerless(path, analyze_table, where, notes)
+        diff_table = _powerless(path, diff_table, diff_where, notes)
     return Settings(path=path.resolve(), analyze=_convert(path, analyze_table, ANALYZE_KEYS, where),
-                    diff=_convert(path, diff_table, DIFF_KEYS, diff_where))
+                    diff=_convert(path, diff_table, DIFF_KEYS, diff_where), warnings=tuple(notes))

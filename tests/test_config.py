@@ -25,9 +25,11 @@ def _no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture()
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """tmp/proj with calibration data and the architecture file; cwd is tmp/proj/sub/dir (two levels down)."""
+    """tmp/proj, a repository (its config may name code and files), with calibration data and the
+    architecture file; cwd is tmp/proj/sub/dir (two levels down)."""
     proj = tmp_path / "proj"
     (proj / "data").mkdir(parents=True)
+    (proj / ".git").mkdir()
     shutil.copy(SAMPLES / "digits_calib.npz", proj / "data" / "calib.npz")
     shutil.copy(SAMPLES / "architectures.py", proj / "arch.py")
     nested = proj / "sub" / "dir"

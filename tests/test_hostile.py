@@ -39,6 +39,7 @@ from reluscope.cli import app
 from reluscope.errors import InputError, ModelRunError, UnsafeCheckpointError
 
 from conftest import ARCHITECTURES, CALIB, REPO, SAMPLES, global_hook_state, module_hook_state
+from test_outputs_hostile import EXTRA_CASES
 from test_untrusted import (pt2_calling, pt2_with_aotinductor, pt2_with_guard_code, pt2_with_uppercase_opaque,
                             pt2_writing_a_file, torchscript_with_setstate)
 
@@ -256,6 +257,8 @@ CASES: dict[str, Case] = {
     "junit-is-output": Case(_nothing),
     "output-symlink": Case(lambda w: os.symlink("old.json", w / "latest.json")),
     "onnx-missing-input": Case(_write_two_input_onnx),
+    # names, writes, hung models, exit 3 -> exit 2, config files: built in test_outputs_hostile.py
+    **{name: Case(setup, subprocess=real) for name, (setup, real) in EXTRA_CASES.items()},
 }
 
 
@@ -379,10 +382,15 @@ def test_documented_error(row: Row, workdir: Path, cli_env: dict[str, str]) -> N
     case = CASES[row.case]
     case.setup(workdir)
     args = shlex.split(row.command)
+    given = {}  # `NAME=value reluscope ...`: the command runs with NAME set
+    while args and "=" in args[0] and args[0] != "reluscope":
+        name, _, value = args.pop(0).partition("=")
+        given[name] = value
     assert args[0] == "reluscope"
+    assert not given or case.subprocess, "a row that sets variables runs as a real process"
     started = time.monotonic()
     with fifo_watchdog(workdir):
-        env = {key: value for key, value in cli_env.items() if key not in case.unset}
+        env = {key: value for key, value in {**cli_env, **given}.items() if key not in case.unset}
         outcome = run_cli(args[1:], workdir, {**env, "COLUMNS": "200"}, in_subprocess=case.subprocess)
     assert time.monotonic() - started < 20, "the command blocked"
     assert not (workdir / MARKER).exists(), "code from a file ran"

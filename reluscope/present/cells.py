@@ -6,6 +6,7 @@ Plain strings only: each format adds its own emphasis (Rich styles, markdown bol
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -13,6 +14,26 @@ from ..metrics import Metric, site_metric, site_value
 
 MAX_OFFENDERS = 6
 WORST_SHOWN = 3
+
+# Characters that do something other than show themselves: C0/C1 controls (ESC starts terminal
+# escape sequences: clearing the screen, OSC 8 hyperlinks; CR overwrites a line; NUL and most
+# controls are not allowed in XML 1.0), bidirectional and zero-width format characters (they
+# disguise text), line/paragraph separators, surrogates and non-characters.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+                        "\ufff9-\ufffb\ufffe\uffff\ud800-\udfff]")
+
+
+def _escaped(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: Any) -> str:
+    """Text from a model or data file (site and model names, paths) as it may be shown anywhere:
+    every control, format or non-character written as a visible `\\xNN`/`\\uNNNN` escape, so it
+    cannot drive a terminal, break a line or a table row, or make XML unparsable. Each format
+    then escapes its own markup (Rich, markdown, XML) on top of this; JSON keeps the data as is."""
+    return _INVISIBLE.sub(_escaped, str(text))
 
 
 def format_value(value: Any) -> str:
@@ -64,10 +85,10 @@ def offender_list(names: Sequence[str], limit: int = MAX_OFFENDERS, show: Callab
 def describe(gate: Mapping[str, Any], max_offenders: int = 8) -> str:
     """One line about a gate, e.g. for JUnit messages and --quiet output."""
     verdict = "passed" if gate["passed"] else "FAILED"
-    text = f"{gate['rule']}: {verdict} (value {format_value(gate.get('value'))})"
+    text = f"{visible(gate['rule'])}: {verdict} (value {format_value(gate.get('value'))})"
     offenders = gate.get("offenders") or []
     if offenders:
-        text += f"; offending sites: {offender_list(offenders, max_offenders)}"
+        text += f"; offending sites: {offender_list(offenders, max_offenders, show=visible)}"
     return text
 
 

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from ..errors import EXIT_GATE_FAILED, EXIT_OK
 from ..gate import failed
-from ..output import emit, write_atomic
+from ..output import emit, write_together
 from . import OutputFormat, is_diff, to_format
-from .cells import describe
+from .cells import describe, visible
 
 
 def _warn(err: Console, message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("warning:", "bold yellow"), " ", visible(message)), highlight=False, soft_wrap=True)
 
 
 def show_gates(gates: Sequence[Mapping[str, Any]], *, on_stdout: bool, quiet: bool, err: Console,
@@ -38,7 +38,7 @@ def show_gates(gates: Sequence[Mapping[str, Any]], *, on_stdout: bool, quiet: bo
         err.print(gate_table(gates, title=title))
     else:
         for gate in failed(gates):
-            err.print(f"[bold red]gate failed:[/] {escape(describe(gate))}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("gate failed:", "bold red"), " ", describe(gate)), highlight=False, soft_wrap=True)
 
 
 def gate_exit(gates: Sequence[Mapping[str, Any]]) -> int:
@@ -47,16 +47,31 @@ def gate_exit(gates: Sequence[Mapping[str, Any]]) -> int:
 
 def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Path | None, junit: Path | None,
                   quiet: bool, err: Console) -> int:
-    """Deliver a payload whose `gates` are evaluated; returns the exit code."""
-    for warning in document.get("warnings") or []:
-        _warn(err, warning)
+    """Deliver a payload whose `gates` are evaluated; returns the exit code.
+
+    Everything is rendered first, then `-o` and `--junit` are written together (both land or
+    neither does); only then does anything reach stdout or stderr, so a write that fails ends
+    with its one error line and nothing else."""
     formatter = to_format(fmt)
     on_terminal = formatter.terminal and output is None
+    text = None if on_terminal else formatter.render(document)
+    files: list[tuple[Path, str]] = []
+    if output is not None:
+        assert text is not None
+        files.append((output, text))
+    if junit is not None:
+        from .junit import JUnitFormat
+
+        files.append((junit, JUnitFormat().render(document)))
+    write_together(files)
+    for warning in document.get("warnings") or []:
+        _warn(err, warning)
     if on_terminal:
         formatter.print(document)
     else:
-        text = formatter.render(document)
-        emit(text, output)
+        assert text is not None
+        if output is None:
+            emit(text, None)
         if formatter.step_summary:
             from .markdown import append_step_summary
 
@@ -67,11 +82,7 @@ def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Pat
         from .table import summary_text
 
         err.print(summary_text(document))
-        err.print(f"report written to {output}", style="dim")
+        err.print(Text(f"report written to {visible(output)}", style="dim"))
     gates = document.get("gates") or []
     show_gates(gates, on_stdout=on_terminal, quiet=quiet, err=err)
-    if junit is not None:
-        from .junit import JUnitFormat
-
-        write_atomic(junit, JUnitFormat().render(document))
     return gate_exit(gates)

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .cells import format_value, gates_verdict, offender_list
+from .cells import format_value, gates_verdict, offender_list, visible
 
 
 def gate_table(gates: Sequence[Mapping[str, Any]], title: str = "gates") -> Group:
@@ -20,9 +20,9 @@ def gate_table(gates: Sequence[Mapping[str, Any]], title: str = "gates") -> Grou
     table.add_column("offending sites", overflow="fold")
     for gate in gates:
         passed = gate["passed"]
-        table.add_row(Text(gate["rule"]), format_value(gate.get("value")),
+        table.add_row(Text(visible(gate["rule"])), format_value(gate.get("value")),
                       Text("pass", style="green") if passed else Text("FAIL", style="bold red"),
-                      Text(offender_list(gate.get("offenders") or []), style="" if passed else "red"))
+                      Text(offender_list(gate.get("offenders") or [], show=visible), style="" if passed else "red"))
     failed, total = gates_verdict(gates)
     line = (Text(f"{failed} of {total} gates failed", style="bold red") if failed
             else Text(f"all {total} gates passed", style="green"))

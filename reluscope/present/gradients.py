@@ -10,6 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .cells import visible
+
 BAR_WIDTH = 24
 SPARK = "▁▂▃▄▅▆▇█"
 _VERDICT_STYLE = {"ok": "green", "vanishing": "bold red", "exploding": "bold red"}
@@ -27,7 +29,7 @@ def sparkline(values: list[float]) -> str:
 
 def gradient_renderable(flow: dict[str, Any]) -> Group | Text:
     if not flow.get("available", True):
-        return Text(f"gradient flow: {flow.get('reason')}", style="yellow")
+        return Text(f"gradient flow: {visible(flow.get('reason'))}", style="yellow")
     # Weighted layers (conv/linear kernels, two or more axes), in definition order.
     weighted = [p for p in flow["parameters"] if len(p.get("shape", ())) >= 2 and p["grad_norm"] is not None]
     logs = [math.log10(p["grad_norm"]) if p["grad_norm"] > 0 else -math.inf for p in weighted]
@@ -41,7 +43,7 @@ def gradient_renderable(flow: dict[str, Any]) -> Group | Text:
     for param, value in zip(weighted, logs):
         filled = 0 if not math.isfinite(value) else 1 + round((value - low) / ((high - low) or 1.0) * (BAR_WIDTH - 1))
         ratio = param["ratio"]
-        table.add_row(param["name"], f"{param['grad_norm']:.3g}", "-" if ratio is None else f"{ratio:.3g}",
+        table.add_row(Text(visible(param["name"])), f"{param['grad_norm']:.3g}", "-" if ratio is None else f"{ratio:.3g}",
                       Text("█" * filled, style="cyan"))
     verdict = flow["verdict"]
     line = Text("verdict: ")
@@ -49,7 +51,7 @@ def gradient_renderable(flow: dict[str, Any]) -> Group | Text:
     if flow.get("first_to_last_ratio") is not None:
         line.append(f"  (first/last weighted layer gradient norm {flow['first_to_last_ratio']:.3g}; "
                     f"slope {sparkline(logs)})")
-    line.append(f"  loss: {flow['loss']}", style="dim")
+    line.append(f"  loss: {visible(flow['loss'])}", style="dim")
     if flow.get("nonfinite"):
         line.append(f"  {flow['nonfinite']} non-finite gradients", style="bold red")
     return Group(table, line)

@@ -2,6 +2,9 @@
 
 The layout is the common denominator that GitHub (test-reporter actions), GitLab, Jenkins and
 Azure read: `<testsuites>` > `<testsuite>` > `<testcase classname name time>` > `<failure>`.
+
+Every name and path passes through `cells.visible`: XML 1.0 has no way to write most control
+characters (a raw one makes the file unparsable), and ElementTree escapes `<`, `&` and quotes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Iterable, Mapping
 
 from .cells import is_diff
-from .cells import describe, format_value
+from .cells import describe, format_value, visible
 
 
 def junit_xml(gates: Iterable[Mapping[str, Any]], *, suite: str = "reluscope", classname: str = "reluscope.gates",
@@ -28,19 +31,20 @@ def junit_xml(gates: Iterable[Mapping[str, Any]], *, suite: str = "reluscope", c
         props = ET.SubElement(testsuite, "properties")
         for key, value in properties.items():
             if value is not None:
-                ET.SubElement(props, "property", {"name": str(key), "value": str(value)})
+                ET.SubElement(props, "property", {"name": visible(key), "value": visible(value)})
     for gate in gates:
-        case = ET.SubElement(testsuite, "testcase", {"classname": classname, "name": gate["rule"], "time": "0"})
+        case = ET.SubElement(testsuite, "testcase", {"classname": classname, "name": visible(gate["rule"]),
+                                                 "time": "0"})
         if not gate["passed"]:
             offenders = gate.get("offenders") or []
             failure = ET.SubElement(case, "failure", {
-                "message": f"{gate['rule']} (value {format_value(gate.get('value'))})",
+                "message": f"{visible(gate['rule'])} (value {format_value(gate.get('value'))})",
                 "type": "GateFailed",
             })
             lines = [describe(gate, max_offenders=len(offenders) or 1)]
             if offenders:
                 lines.append("offending sites:")
-                lines.extend(f"  {name}" for name in offenders)
+                lines.extend(f"  {visible(name)}" for name in offenders)
             failure.text = "\n".join(lines)
         else:
             out = ET.SubElement(case, "system-out")

@@ -3,29 +3,47 @@
 `--format markdown` prints it; when the `GITHUB_STEP_SUMMARY` environment variable names a file
 (as it does inside GitHub Actions), the same text is appended there too. The sites table has
 the table format's columns (present/cells.py).
+
+Names come from the model file and are data, not markdown: a name goes in a code span (no link,
+image, HTML, @mention or emphasis is made inside one) whose fence is longer than any run of
+backticks in it; prose that may quote a name (warnings, reasons) has each character that makes markup
+backslash-escaped and a zero-width space after each `@` and `#` (no mention, no issue link). Both pass through `cells.visible` first: a CR, LF or other control cannot end a table row.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .cells import is_diff
-from .cells import arrow, format_value, gates_verdict, offender_list, shown_as, signed, site_columns, worst_first
+from .cells import (arrow, format_value, gates_verdict, offender_list, shown_as, signed, site_columns, visible,
+                    worst_first)
 
 MAX_ROWS = 50
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
 
-def _cell(text: Any) -> str:
-    """Table-safe text: pipes escaped, no newlines."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+# what makes markdown of text: emphasis, code, links and images, HTML and entities, table pipes,
+# autolinks (`http:`, `www.`), headings; `@` and `#` also get a zero-width space (mentions, issues)
+_MARKUP = re.compile(r"([\\`*_\[\]<>!|~&:#@]|(?<=www)\.)", re.IGNORECASE)
+_TICKS = re.compile("`+")
+
+
+def _text(text: Any) -> str:
+    """Prose that may quote names from a file, as literal markdown text (safe in a table cell)."""
+    value = _MARKUP.sub(r"\\\1", visible(text))
+    return value.replace("@", "@\u200b").replace("#", "#\u200b")
 
 
 def _code(text: Any) -> str:
-    value = _cell(text)
-    return f"`` {value} ``" if "`" in value else f"`{value}`"
+    """A name as a code span, safe in a table cell."""
+    value = visible(text).replace("|", "\\|")
+    longest = max((len(run) for run in _TICKS.findall(value)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if longest else ""
+    return f"{fence}{pad}{value}{pad}{fence}"
 
 
 def _pct(value: float | None) -> str:
@@ -58,7 +76,7 @@ def _sites_table(layers: Sequence[Mapping[str, Any]]) -> list[str]:
     align = ["---", "---", *("--:" for _ in columns)]
     rows = []
     for layer in layers:
-        row = [_code(layer["name"]), _cell(layer["op"])]
+        row = [_code(layer["name"]), _code(layer["op"])]
         for column in columns:
             text = column.text(layer)
             row.append(f"**{text}**" if column.alarm(layer) else text)
@@ -80,7 +98,7 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
         headline += f", **{s['nonfinite']} NaN/Inf outputs**"
     lines.append(headline)
     lines.append(f"<sub>{data.get('samples', '?')} samples{' (synthetic)' if data.get('synthetic') else ''} · "
-                 f"{run.get('backend', '?')} on {run.get('device', '?')} · {model.get('format', '?')}</sub>")
+                 f"{_text(run.get('backend', '?'))} on {_text(run.get('device', '?'))} · {_text(model.get('format', '?'))}</sub>")
     lines.append("")
 
     layers = list(report["layers"])
@@ -94,13 +112,13 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     flow = report.get("gradient_flow")
     if isinstance(flow, Mapping):
         if flow.get("available", True):
-            lines += [f"Gradient flow: **{flow.get('verdict', '?')}** (loss {flow.get('loss') or '?'}, "
+            lines += [f"Gradient flow: **{_text(flow.get('verdict', '?'))}** (loss {_text(flow.get('loss') or '?')}, "
                       f"first/last gradient-norm ratio {format_value(flow.get('first_to_last_ratio'))}, "
                       f"{flow.get('nonfinite', 0)} NaN/Inf gradients)", ""]
         else:
-            lines += [f"Gradient flow: not measured ({_cell(flow.get('reason', ''))})", ""]
-    notes = [f"⚠️ {_cell(w)}" for w in report.get("warnings") or []]
-    notes += [f"not analysed: {_code(u['name'])} ({_cell(u['reason'])})" for u in report.get("unanalysed") or []]
+            lines += [f"Gradient flow: not measured ({_text(flow.get('reason', ''))})", ""]
+    notes = [f"⚠️ {_text(w)}" for w in report.get("warnings") or []]
+    notes += [f"not analysed: {_code(u['name'])} ({_text(u['reason'])})" for u in report.get("unanalysed") or []]
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
     lines += gates_markdown(report.get("gates") or [])

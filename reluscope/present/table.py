@@ -1,5 +1,9 @@
 """The table format: Rich tables for people, of a report or of a diff. On a terminal it prints
-in colour on stdout; for `-o FILE` the same tables as plain text."""
+in colour on stdout; for `-o FILE` the same tables as plain text.
+
+Names from the model or data file go in as `Text` (never as markup: `[/]` would crash Rich,
+`[link=...]` would make a link, `resnet[v2]` would lose its `[v2]`) after `cells.visible`
+(no escape sequence reaches the terminal or the file)."""
 
 from __future__ import annotations
 
@@ -11,14 +15,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .cells import is_diff
-from .cells import arrow, shown_as, signed, site_columns, worst_sites
+from .cells import arrow, shown_as, signed, site_columns, visible, worst_sites
 
 
 def layers_table(report: Mapping[str, Any]) -> Table:
     layers = report["layers"]
     worst = set(worst_sites(layers))
     columns = site_columns(layers)
-    table = Table(title=f"reluscope: {report['model'].get('path') or 'model'}", title_justify="left",
+    table = Table(title=Text(f"reluscope: {visible(report['model'].get('path') or 'model')}"), title_justify="left",
                   show_lines=False, header_style="bold")
     table.add_column("site", no_wrap=True)
     table.add_column("op", no_wrap=True)
@@ -26,7 +30,7 @@ def layers_table(report: Mapping[str, Any]) -> Table:
         table.add_column(column.label, justify="right", no_wrap=True)
     for layer in layers:
         style = "bold red" if layer["name"] in worst else ("red" if layer["dead_units"] else None)
-        cells: list[Any] = [layer["name"], layer["op"]]
+        cells: list[Any] = [Text(visible(layer["name"])), Text(visible(layer["op"]))]
         for column in columns:
             text = column.text(layer)
             cells.append(Text(text, style="red" if column.alarm(layer) else "") if column.metric.alarm else text)
@@ -49,9 +53,9 @@ def summary_text(report: Mapping[str, Any]) -> Text:
     worst = worst_sites(report["layers"])
     if worst:
         text.append("\nworst: ", style="bold")
-        text.append(", ".join(worst), style="bold red")
+        text.append(", ".join(visible(name) for name in worst), style="bold red")
     for item in report.get("unanalysed", []):
-        text.append(f"\nnot analysed: {item['name']} ({item['reason']})", style="yellow")
+        text.append(f"\nnot analysed: {visible(item['name'])} ({visible(item['reason'])})", style="yellow")
     return text
 
 
@@ -91,7 +95,8 @@ def _signed(value: Any, pct: bool = False) -> Text:
 
 
 def diff_table(diff: Mapping[str, Any]) -> Table:
-    table = Table(title=Text(f"reluscope diff: {diff['base']['path']} → {diff['new']['path']}"), title_justify="left",
+    table = Table(title=Text(f"reluscope diff: {visible(diff['base']['path'])} → {visible(diff['new']['path'])}"),
+                  title_justify="left",
                   header_style="bold")
     table.add_column("site", overflow="fold")
     table.add_column("status")
@@ -105,7 +110,7 @@ def diff_table(diff: Mapping[str, Any]) -> Table:
         b, n, d = site["base"] or {}, site["new"] or {}, site["delta"] or {}
         status = site["status"]
         table.add_row(
-            Text(site["name"]), Text(status, style=_STATUS_STYLE.get(status, "")),
+            Text(visible(site["name"])), Text(visible(status), style=_STATUS_STYLE.get(status, "")),
             arrow(b.get("dead_units"), n.get("dead_units")), _signed(d.get("dead_units")),
             arrow(b.get("zero_fraction"), n.get("zero_fraction"), shown_as("zero_fraction")),
             _signed(d.get("zero_fraction"), pct=True),
@@ -125,7 +130,7 @@ def diff_summary_text(diff: Mapping[str, Any]) -> Text:
     for label, names in (("added", diff["added"]), ("removed", diff["removed"])):
         if names:
             text.append(f"\n{label}: ", style="bold")
-            text.append(", ".join(names), style=_STATUS_STYLE[label])
+            text.append(", ".join(visible(name) for name in names), style=_STATUS_STYLE[label])
     return text
 
 

@@ -22,7 +22,11 @@ def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> A
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and local_rank and torch.cuda.is_available():
         requested = f"cuda:{local_rank % torch.cuda.device_count()}"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {requested}: torch does not accept it ({exc}); use auto, cpu, cuda or "
+                         "cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {requested}: no CUDA GPU is available here; use --device cpu or auto")
@@ -33,7 +37,8 @@ def resolve_device(requested: str, module: Any = None, local_rank: int = 0) -> A
 
 @contextlib.contextmanager
 def prepared_module(module: Any, device: Any) -> Iterator[Any]:
-    """Eval mode on the analysis device; afterwards every module's train flag and the device are restored."""
+    """Eval mode on the analysis device; afterwards every module's mode (through its own `train()`) and the
+    device are restored."""
     training = {m: m.training for m in module.modules()}
     first = next(iter(module.parameters()), None)
     if first is None:
@@ -51,8 +56,26 @@ def prepared_module(module: Any, device: Any) -> Iterator[Any]:
     finally:
         if moved:
             module.to(original_device)
-        for sub, flag in training.items():
-            sub.training = flag
+        _restore_modes(module, training)
+
+
+def _restore_modes(module: Any, training: dict[Any, bool]) -> None:
+    """Put each module's train/eval mode back by calling its own `train(mode)`, not by setting the
+    flag: a module whose `train()`/`eval()` do work (a LoRA adapter merges into the weights on
+    `eval()` and unmerges on `train()`) is handed back as it came. Top-down: `train()` recurses into
+    the children, so a child whose mode differs from its parent's is set after the parent."""
+    for sub in module.modules():
+        flag = training.get(sub)
+        if flag is None or sub.training == flag:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                sub.train(flag)
+            except NotImplementedError:  # exported GraphModules refuse .train() in some versions
+                sub.training = flag
+    for sub, flag in training.items():  # a train() that did not set its own flag
+        sub.training = flag
 
 
 def to_device(inputs: Any, device: Any) -> Any:
