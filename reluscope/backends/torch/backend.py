@@ -156,8 +156,8 @@ def _fit_batch(inputs: Any, mask: torch.Tensor | None, labels: Any, rows: int, f
         return
     if gradients and rows % fixed:
         raise InputError(f"the .pt2 model was exported with a fixed batch size of {fixed}; with --gradients the "
-                         f"padding of a batch of {rows} would enter the loss: pass a --batch-size that is a multiple "
-                         f"of {fixed}, and --max-samples too")
+                         f"padding of a batch of {rows} would enter the loss: pass a --batch-size (and --max-samples, "
+                         f"if any) that is a multiple of {fixed}")
     note = (f"the .pt2 model was exported with a fixed batch size of {fixed}: batches are fed in chunks of {fixed}, "
             "the last one zero-padded (padded rows are not measured)")
     if note not in run.warnings:

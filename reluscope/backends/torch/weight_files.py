@@ -95,8 +95,9 @@ def read_index(path: Path, read_shard: Callable[[Path], Any]) -> dict[str, torch
                          "lie in the index's folder")
     missing = [name for name in shards if not (path.parent / name).is_file()]
     if missing:
-        raise InputError(f"the shard index {path} lists {len(shards)} shards but {len(missing)} are missing: "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; copy every shard beside it")
+        raise InputError(f"the shard index {path} lists {len(shards)} shards, and "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                         f"{'is' if len(missing) == 1 else 'are'} not beside it; copy every shard beside the index")
     tensors: dict[str, torch.Tensor] = {}
     for name in shards:
         shard = read_shard(path.parent / name)
