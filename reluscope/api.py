@@ -57,7 +57,8 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
 
     started = time.perf_counter()
     backend = open_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
-    source = data_sources.from_object(data, input_shape=config.input_shape)
+    source = data_sources.from_object(data, input_shape=config.input_shape, tokenizer=backend.loaded.tokenizer,
+                                      max_length=config.max_length)
     run = Run(config, source, progress)
     if on_start is not None:
         on_start(source.planned_samples(config.max_samples))

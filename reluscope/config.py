@@ -23,6 +23,8 @@ def _validate(self: Any) -> None:
         raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
     if self.max_samples is not None and self.max_samples < 1:
         raise UsageError(f"--max-samples must be at least 1, not {self.max_samples}")
+    if self.max_length < 1:
+        raise UsageError(f"--max-length must be at least 1, not {self.max_length}")
     if not 0.0 <= self.rare_threshold <= 1.0:
         raise UsageError(f"--rare-threshold must lie in [0, 1], not {self.rare_threshold}")
     if not (math.isfinite(self.dormant_tau) and self.dormant_tau >= 0.0):

@@ -1,10 +1,11 @@
-"""Calibration data sources: arrays, .npy/.npz/.pt files, image folders, synthetic inputs,
-or any iterable of batches. Each yields `Batch`es lazily; nothing holds the whole dataset
+"""Calibration data sources: arrays, .npy/.npz/.pt files, image folders, texts (.txt/.jsonl,
+tokenized by the model's tokenizer), synthetic inputs, or any iterable of batches. Each yields `Batch`es lazily; nothing holds the whole dataset
 in memory beyond what the source itself maps (np.load(mmap_mode='r') for .npy, one batch of
 rows at a time from inside an .npz)."""
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import zipfile
@@ -30,6 +31,8 @@ class Batch:
     inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
     labels: torch.Tensor | None
     size: int
+    # bool [batch, seq], True at real tokens (the attention mask): padding is left out of every statistic
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class DataSource:
                                  f"no {' or '.join(repr(m) for m in missing)}; add an array for each input, under its "
                                  "name (a 0-d array for a scalar input)")
         return replace(self, wanted=names)
+    reader: Callable[[int, int], Batch] | None = None  # samples [start:stop] as one Batch (texts)
 
     def batches(self, batch_size: int, max_samples: int | None = None,
                 owns: Callable[[int], bool] | None = None) -> Iterator[Batch]:
@@ -68,7 +72,7 @@ class DataSource:
         if self.iterable is not None:
             for index, batch in enumerate(_from_iterable(self.iterable, max_samples, self.wanted)):
                 if owns is None or owns(index):
-                    yield batch
+                    yield with_token_mask(batch)
             return
         total = self.samples or 0
         if max_samples is not None:
@@ -77,6 +81,9 @@ class DataSource:
             if owns is not None and not owns(index):
                 continue
             stop = min(start + batch_size, total)
+            if self.reader is not None:
+                yield self.reader(start, stop)
+                continue
             if self.named is not None and self.wanted and all(name in self.named for name in self.wanted):
                 inputs: Any = {k: _to_tensor(_rows(self.named[k], start, stop), k) for k in self.wanted}
             elif isinstance(self.arrays, dict):
@@ -84,7 +91,7 @@ class DataSource:
             else:
                 inputs = tuple(_to_tensor(_rows(a, start, stop), "input") for a in self.arrays or ())
             labels = None if self.labels is None else _to_tensor(self.labels[start:stop], "labels", keep_int=True)
-            yield Batch(inputs, labels, stop - start)
+            yield with_token_mask(Batch(inputs, labels, stop - start))
 
     @property
     def replayable(self) -> bool:
@@ -205,12 +212,17 @@ def _truncate(batch: Batch, keep: int) -> Batch:
 
 
 # ---------------------------------------------------------------------------- sources
-def from_object(data: Any, *, input_shape: Sequence[int] | None = None) -> DataSource:
-    """The API's `data` argument: None (synthetic), a path, a tensor/array, or an iterable of batches."""
+def from_object(data: Any, *, input_shape: Sequence[int] | None = None, tokenizer: Any = None,
+                max_length: int = 128) -> DataSource:
+    """The API's `data` argument: None (synthetic), a path, a tensor/array, or an iterable of batches.
+    `tokenizer` (the model's, see `text_source`) reads text files."""
     if data is None:
         return synthetic(input_shape)
     if isinstance(data, (str, Path)):
-        return from_path(Path(data), input_shape=input_shape)
+        path = Path(data)
+        if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
+            return text_source(path, tokenizer, max_length)
+        return from_path(path, input_shape=input_shape)
     if isinstance(data, (torch.Tensor, np.ndarray)):
         if data.ndim == 0:
             raise InputError("calibration data is a scalar; give a batch with the sample axis first")
@@ -263,7 +275,8 @@ def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSo
                              "unpickling them would run code from the file; save numeric arrays") from exc
         raise InputError(f"cannot read calibration data {path}: {first_line(exc, first_sentence=True)}; the file may be damaged or "
                          "truncated") from exc
-    raise InputError(f"calibration data {path} is not .npy, .npz, a torch.save file or a folder of images")
+    raise InputError(f"calibration data {path} is not .npy, .npz, a torch.save file, texts (.txt, .jsonl) or a "
+                     "folder of images")
 
 
 
@@ -485,3 +498,90 @@ class _SyntheticStack:
         block = torch.cat([self._chunk(i) for i in range(first, last + 1)])
         offset = first * self.CHUNK
         return block[start - offset:stop - offset]
+
+
+# ---------------------------------------------------------------------------- texts and token masks
+TEXT_SUFFIXES = (".txt", ".jsonl")  # texts have no magic number: the suffix says which kind of file it is
+TOKEN_MASK_KEY = "attention_mask"
+
+
+def with_token_mask(batch: Batch) -> Batch:
+    """A batch of token ids given as arrays (.npz, a dict) carries its `attention_mask` as the batch's mask."""
+    if batch.mask is None and isinstance(batch.inputs, dict):
+        mask = batch.inputs.get(TOKEN_MASK_KEY)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            batch.mask = mask != 0
+    return batch
+
+
+def text_source(path: Path, tokenizer: Any, max_length: int = 128) -> DataSource:
+    """Texts, one per line (.txt) or in the `text` field of each JSON line (.jsonl), tokenized a batch at a
+    time by the model's `tokenizer` (`encode(texts, max_length)` -> (inputs, attention mask)) and padded to
+    the batch's longest text. Blank lines are skipped; only line offsets are kept in memory."""
+    check_readable_file(path, "calibration data")
+    if tokenizer is None:
+        raise InputError(f"calibration data {path} is text: it needs the model's tokenizer, which only a Hugging "
+                         "Face model folder (config.json, weights, tokenizer files) brings; for other models give "
+                         "token ids as .npz (input_ids, attention_mask)")
+    if max_length < 1:
+        raise UsageError(f"--max-length must be at least 1, not {max_length}")
+    lines = _TextLines(path, jsonl=path.suffix.lower() == ".jsonl")
+    if lines:
+        lines[0:1]  # a malformed first line fails here, before the model runs
+    check = getattr(tokenizer, "check", None)
+    if check is not None:
+        check()
+
+    def read(start: int, stop: int) -> Batch:
+        inputs, mask = tokenizer.encode(lines[start:stop], max_length)
+        return Batch(dict(inputs), None, stop - start, mask)
+
+    return _checked(DataSource(str(path), False, len(lines), reader=read))
+
+
+class _TextLines:
+    """The non-blank lines of a text file, read by slice: one pass records where each starts."""
+
+    def __init__(self, path: Path, jsonl: bool) -> None:
+        self.path, self.jsonl = path, jsonl
+        offsets, numbers = [], []
+        with path.open("rb") as handle:
+            position = 0
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    offsets.append(position)
+                    numbers.append(number)
+                position += len(line)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.numbers = np.asarray(numbers, dtype=np.int64)  # 1-based line numbers, for messages
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, rows: slice) -> list[str]:
+        start, stop, _ = rows.indices(len(self.offsets))
+        texts = []
+        with self.path.open("rb") as handle:
+            for number in range(start, stop):
+                handle.seek(int(self.offsets[number]))
+                raw = handle.readline()
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"calibration data {self.path}: line {self.numbers[number]} is not UTF-8 ({exc.reason}); "
+                                     "save the texts as UTF-8") from exc
+                texts.append(self._text(line, int(self.numbers[number])) if self.jsonl else line)
+        return texts
+
+    def _text(self, line: str, number: int) -> str:
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"calibration data {self.path}: line {number} is not "
+                             f"JSON ({first_line(exc)}); give one JSON object per line") from exc
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise InputError(f"calibration data {self.path}: line {number} has no "
+                             f"\"text\" string (it has: {keys}); give each JSON line a \"text\" field")
+        return text

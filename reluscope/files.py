@@ -51,3 +51,12 @@ def unpickling_refused(exc: BaseException) -> tuple[bool, str]:
                   lines[-1] if lines else type(exc).__name__)
     detail = detail.removeprefix("WeightsUnpickler error: ").split(". ", 1)[0].rstrip(".")
     return "GLOBAL" in str(exc), detail
+
+
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file's first bytes are a safetensors header: a little-endian u64 length that fits the
+    file, then the JSON header's '{'."""
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= size - 8 and head[8:9] == b"{"

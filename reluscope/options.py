@@ -180,8 +180,9 @@ TRUST_CHECKPOINT_NOT_IN_CONFIG = (
 
 # In the order of `reluscope analyze --help`.
 ANALYZE_OPTIONS: tuple[Option, ...] = (
-    Option("data", None, Optional[Path], ("--data", "-d"), "Calibration data: .npy, .npz (x/inputs, y/labels), "
-           ".pt (tensor, tuple or dict) or a folder of images.", _path, analysis=False),
+    Option("data", None, Optional[Path], ("--data", "-d"), "Calibration data: .npy, .npz (x/inputs, y/labels; or "
+           "input_ids/attention_mask), .pt (tensor, tuple or dict), a folder of images, or texts for a Hugging Face "
+           "model folder: .txt (one per line) or .jsonl (a \"text\" field).", _path, analysis=False),
     Option("arch", None, Optional[str], ("--arch",), "Architecture factory for a state_dict: FILE.py:FACTORY "
            "or package.module:FACTORY.", _arch, powerful="it runs Python code"),
     Option("input_shape", None, Optional[str], ("--input-shape",), "Per-sample input shape, e.g. 3,224,224: "
@@ -190,6 +191,8 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", 64, int, ("--batch-size", "-b"), "Samples per forward pass.", _int),
     Option("max_samples", None, Optional[int], ("--max-samples", "-n"), "Analyse at most this many samples.",
            _int),
+    Option("max_length", 128, int, ("--max-length",), "Text data: tokens per text at most (longer texts are "
+           "truncated; each batch is padded to its longest text, and padding is not measured).", _int),
     Option("device", "auto", str, ("--device",), "auto, cpu, cuda or cuda:N.", _str),
     Option("output_format", OutputFormat.table, OutputFormat, ("--format", "-f"), "Payload format.", _format,
            analysis=False, diff=True),

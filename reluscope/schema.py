@@ -19,7 +19,7 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 REPORT_ID = f"https://reluscope.dev/schema/report-v{SCHEMA_VERSION}.json"
 DIFF_ID = f"https://reluscope.dev/schema/diff-v{SCHEMA_VERSION}.json"
 
-MODEL_FORMATS = ["torch-state-dict", "torchscript", "torch-export", "torch-pickle", "torch-module", "onnx"]
+MODEL_FORMATS = ["torch-state-dict", "torchscript", "torch-export", "torch-pickle", "torch-module", "onnx", "huggingface"]
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:

@@ -202,6 +202,93 @@ def _write_two_input_onnx(work: Path) -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "two_inputs.onnx")
     np.savez(work / "no_state.npz", input=np.zeros((10, 4), np.float32), h=np.zeros((10, 4), np.float32))
+# Model and data formats of issue 16 (Hugging Face folders, texts, safetensors, training checkpoints)
+def _hf_folder(work: Path, *, tokenizer: bool = True) -> Path:
+    from test_hf import build_hf_folder  # skips the case where transformers is not installed
+
+    build_hf_folder(work / "tiny-bert", tokenizer=tokenizer)
+    (work / "texts.txt").write_text("the cat sat on the mat\na dog\n")
+    return work / "tiny-bert"
+
+
+def _write_fake_transformers(work: Path) -> None:
+    """A folder where `import transformers` fails, as where the extra is not installed (the command
+    runs as `python -m reluscope` in this folder, which puts it first on sys.path)."""
+    _hf_folder(work)
+    (work / "transformers.py").write_text("raise ImportError('No module named transformers')\n")
+
+
+def _write_hf_without_weights(work: Path) -> None:
+    (_hf_folder(work) / "model.safetensors").unlink()
+
+
+def _write_hf_with_custom_code(work: Path) -> None:
+    config_path = _hf_folder(work) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    config_path.write_text(json.dumps(config))
+
+
+def _write_texts(work: Path) -> None:
+    (work / "texts.txt").write_text("the cat sat on the mat\n")
+
+
+def _write_jsonl_without_text(work: Path) -> None:
+    _hf_folder(work)
+    (work / "texts.jsonl").write_text('{"sentence": "the cat sat"}\n')
+
+
+def _mlp_sd() -> dict[str, torch.Tensor]:
+    return torch.load(SAMPLES / "digits_mlp.pt", weights_only=True)
+
+
+def _write_truncated_safetensors(work: Path) -> None:
+    from test_checkpoints import write_safetensors
+
+    write_safetensors(work / "model.safetensors", _mlp_sd())
+    data = (work / "model.safetensors").read_bytes()
+    (work / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _write_shards(work: Path, *, index: bool = True, drop: str | None = None) -> None:
+    from test_checkpoints import write_safetensors
+
+    sd = _mlp_sd()
+    names = list(sd)
+    weight_map = {}
+    for i in range(2):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_safetensors(work / shard, {name: sd[name] for name in names[i::2]})
+        weight_map.update({name: shard for name in names[i::2]})
+    if index:
+        (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if drop:
+        (work / drop).unlink()
+
+
+def _write_mismatched_checkpoint(work: Path) -> None:
+    sd = _mlp_sd()
+    del sd["head.bias"]
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save({"model_state": sd, "epoch": 3}, work / "run.ckpt")
+
+
+def _write_main_pickle(work: Path) -> None:
+    (work / "train.py").write_text("import torch\nclass Net(torch.nn.Sequential):\n    pass\n"
+                                   "torch.save(Net(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU()), "
+                                   "'net.pt')\n")
+    subprocess.run([sys.executable, "train.py"], cwd=work, check=True, capture_output=True)
+
+
+def _write_fixed_batch_pt2(work: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reluscope_case_arch", ARCHITECTURES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.digits_mlp()
+    model.load_state_dict(_mlp_sd())
+    torch.export.save(torch.export.export(model.eval(), (torch.zeros(4, 1, 8, 8),)), work / "fixed4.pt2")
 
 
 @dataclass(frozen=True)
@@ -259,6 +346,19 @@ CASES: dict[str, Case] = {
     "onnx-missing-input": Case(_write_two_input_onnx),
     # names, writes, hung models, exit 3 -> exit 2, config files: built in test_outputs_hostile.py
     **{name: Case(setup, subprocess=real) for name, (setup, real) in EXTRA_CASES.items()},
+    "hf-no-transformers": Case(_write_fake_transformers, subprocess=True),
+    "hf-no-weights": Case(_write_hf_without_weights),
+    "hf-no-tokenizer": Case(lambda w: _hf_folder(w, tokenizer=False) and None),
+    "hf-custom-code": Case(_write_hf_with_custom_code),
+    "text-data-no-tokenizer": Case(_write_texts),
+    "jsonl-no-text": Case(_write_jsonl_without_text),
+    "max-length": Case(_hf_folder),
+    "safetensors-truncated": Case(_write_truncated_safetensors),
+    "shard-without-index": Case(lambda w: _write_shards(w, index=False)),
+    "shard-missing": Case(lambda w: _write_shards(w, drop="model-00002-of-00002.safetensors")),
+    "checkpoint-mismatch": Case(_write_mismatched_checkpoint),
+    "pickled-main": Case(_write_main_pickle),
+    "pt2-fixed-batch-gradients": Case(_write_fixed_batch_pt2),
 }
 
 

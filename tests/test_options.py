@@ -70,6 +70,7 @@ def _uses(project: Path) -> dict[str, tuple[list[str], str | None]]:
         "input_shape": (["--input-shape", "64"], "input-shape = [64]"),
         "batch_size": (["-b", "32"], "batch-size = 32"),
         "max_samples": (["-n", "100"], "max-samples = 100"),
+        "max_length": (["--max-length", "64"], "max-length = 64"),
         "device": (["--device", "cpu"], 'device = "cpu"'),
         "output_format": (["-f", "json"], 'format = "json"'),
         "output": (["-o", "REPORT"], None),
@@ -199,7 +200,7 @@ def test_api_accepts_every_declared_keyword_and_refuses_others() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x = torch.randn(40, 6)
-    values = {"arch": None, "input_shape": [6], "batch_size": 16, "max_samples": 30, "device": "cpu",
+    values = {"arch": None, "input_shape": [6], "batch_size": 16, "max_samples": 30, "max_length": 64, "device": "cpu",
               "unit_axis": -1, "rare_threshold": 0.2, "dormant_tau": 0.1, "gradients": True,
               "loss": "half-squared-norm", "percentiles": True, "stats_kernel": "torch", "trust_checkpoint": True}
     assert set(values) == {o.name for o in ANALYSIS_OPTIONS}

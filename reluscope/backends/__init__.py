@@ -11,17 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..files import check_readable_file, sha256_of
+from ..files import check_readable_file, looks_like_safetensors, sha256_of
 from .base import Backend, LoadedModel
 
-FORMATS = ("torch-state-dict", "torchscript", "torch-export", "torch-pickle", "onnx")
+FORMATS = ("torch-state-dict", "torchscript", "torch-export", "torch-pickle", "onnx", "huggingface")
 
 
 def detect_format(path: Path) -> str:
-    """The model format from the file's bytes, never from its extension."""
+    """The model format from the file's bytes, never from its extension (a folder: a Hugging Face
+    model folder, from its config.json)."""
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf-folder"
+        raise InputError(f"model path is a folder without a config.json: {path}; give the model file inside it, or a "
+                         "Hugging Face model folder (config.json, weights and tokenizer files)")
     check_readable_file(path)
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(16)
+    if looks_like_safetensors(head, path.stat().st_size):
+        return "safetensors"
+    if head.lstrip()[:1] == b"{" and _is_weight_index(path):
+        return "weight-index"
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -41,6 +51,18 @@ def detect_format(path: Path) -> str:
     return "onnx-candidate"
 
 
+def _is_weight_index(path: Path) -> bool:
+    """A sharded checkpoint's index: JSON with a "weight_map" (model.safetensors.index.json)."""
+    import json
+
+    if path.stat().st_size > 64 * 1024 * 1024:
+        return False
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")).get("weight_map"), dict)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
 def load_model(path: str | Path, *, arch: str | None = None, trust_checkpoint: bool = False) -> LoadedModel:
     path = Path(path)
     kind = detect_format(path)
@@ -48,12 +70,17 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_checkpoint: b
         from .onnx.graph import load_onnx
 
         loaded = load_onnx(path)
+    elif kind == "hf-folder":
+        from .torch.hf import load_hf_folder
+
+        loaded = load_hf_folder(path, trust_checkpoint=trust_checkpoint)
     else:
         from .torch.load import load_torch
 
         loaded = load_torch(path, kind, arch=arch, trust_checkpoint=trust_checkpoint)
     loaded.path = str(path)
-    loaded.sha256 = sha256_of(path)
+    if loaded.sha256 is None:
+        loaded.sha256 = sha256_of(path)
     return loaded
 
 

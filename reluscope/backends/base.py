@@ -28,7 +28,10 @@ class LoadedModel:
     path: str | None = None
     sha256: str | None = None
     export_plan: list[tuple[str, str]] | None = None  # site names of a flattened exported graph
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run warns about (e.g. which weights were used)
+    # Text calibration data (.txt/.jsonl) needs one: `encode(texts, max_length)` -> (inputs, attention mask),
+    # `check()` fails early where the model cannot tokenize (a Hugging Face folder's tokenizer)
+    tokenizer: Any = None
 
 
 @dataclass

@@ -7,8 +7,9 @@ sight and reduces each tensor into its SiteStats at once.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,6 +28,7 @@ class _Site:
     grad: SiteGradStats | None = None
     module: str | None = None
     node: str | None = None
+    tokens: bool = False  # measured per real token: its stats' shape is per token ([batch, seq] dropped)
 
 
 class SiteRecorder:
@@ -39,10 +41,48 @@ class SiteRecorder:
         self.reduction = reduction
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
+        self._mask: torch.Tensor | None = None  # see masked()
+        self._mask_full = False
+        self._mask_samples: int | None = None
+        self.notes: list[str] = []  # what the run should warn about (each once)
 
     def begin_forward(self) -> None:
         """Call counters restart with each forward pass: the k-th call of a module is site k."""
         self._calls.clear()
+
+    @contextlib.contextmanager
+    def masked(self, mask: torch.Tensor | None, samples: int | None = None) -> Iterator[None]:
+        """Measure only the real positions of the forward passes inside.
+
+        `mask` is bool, True where a position is real: [batch] for rows that pad a batch to a
+        model's fixed batch size, [batch, seq] for an attention mask (padding tokens). A site whose
+        output starts with the mask's shape is measured at the True positions only: a [batch]
+        mask drops rows; a [batch, seq] mask gathers the real tokens into [tokens, ...], so the
+        site's units are its per-token axes (hidden features) and the batch counts as `samples`
+        sequences (default: the mask's batch size). Other sites are measured whole, with a note."""
+        if mask is None:
+            yield
+            return
+        saved = self._mask, self._mask_full, self._mask_samples
+        self._mask = mask.bool()
+        self._mask_full = bool(self._mask.all())  # one read per batch; a full mask needs no gather
+        self._mask_samples = samples if samples is not None else int(mask.shape[0])
+        try:
+            yield
+        finally:
+            self._mask, self._mask_full, self._mask_samples = saved
+
+    def _mask_fits(self, output: torch.Tensor, batched: bool) -> bool:
+        """Whether `output` starts with the mask's axes ([batch, seq] ones followed by a feature axis)."""
+        mask = self._mask
+        if mask is None or not batched:
+            return False
+        needed = mask.dim() + (1 if mask.dim() == 2 else 0)
+        return output.dim() >= needed and tuple(output.shape[:mask.dim()]) == tuple(mask.shape)
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
 
     def record(self, base: str, activation: Activation, output: Any, inp: Any = None,
                layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
@@ -51,8 +91,14 @@ class SiteRecorder:
         call = self._calls.get(base, 0)
         self._calls[base] = call + 1
         site = self._sites.get((base, call))
+        fits = self._mask_fits(output, batched)
+        if self._mask is not None and not fits:
+            self._note(f"site {base}{f'#{call}' if call else ''}: its output {tuple(output.shape)} does not start with "
+                       f"the {'batch' if self._mask.dim() == 1 else '[batch, sequence]'} axes of the mask "
+                       f"{tuple(self._mask.shape)}; measured at every position, padding included")
         if site is None:
-            shape = tuple(output.shape[1:] if batched else output.shape)
+            tokens = fits and self._mask is not None and self._mask.dim() == 2
+            shape = tuple(output.shape[2:] if tokens else output.shape[1:] if batched else output.shape)
             axis = unit_axis if unit_axis is not None and self.unit_axis_override is None else \
                 resolve_unit_axis(len(shape), layout, self.unit_axis_override)
             # torch tensors are measured on their device; numpy arrays (onnxruntime's) on the host with numpy
@@ -60,13 +106,38 @@ class SiteRecorder:
             stats = SiteStats(activation, shape, axis, device, percentiles=self.percentiles,
                               reduction=self.reduction)
             grad = SiteGradStats.on(device) if self.gradients else None
-            site = _Site(base, call, activation, stats, tensor, grad, module, node)
+            site = _Site(base, call, activation, stats, tensor, grad, module, node, tokens)
             self._sites[(base, call)] = site
-        site.stats.update(output, inp)
+        if fits:
+            self._update_masked(site, output, inp)
+        else:
+            site.stats.update(output, inp)
         if site.grad is not None and getattr(output, "requires_grad", False):
             # Fires during the backward pass with d(loss)/d(this output); in-place successors
             # do not affect it (the hook binds to the autograd node of this version).
             output.register_hook(site.grad.update)
+
+    def _update_masked(self, site: _Site, output: torch.Tensor, inp: torch.Tensor | None) -> None:
+        """Fold only the mask's real positions ([tokens, ...] or the real rows) into the site."""
+        mask = self._mask
+        assert mask is not None
+        if self._mask_full:
+            if not site.tokens:
+                site.stats.update(output, inp)
+                return
+            flat = (-1, *output.shape[2:])
+            site.stats.update(output.detach().reshape(flat), None if inp is None else inp.detach().reshape(flat),
+                              samples=self._mask_samples)
+            return
+        mask = mask.to(output.device)
+        y = output.detach()[mask]
+        x = None if inp is None else inp.detach()[mask]
+        if site.tokens:
+            site.stats.update(y, x, samples=self._mask_samples)
+        elif mask.dim() == 1:
+            site.stats.update(y, x)  # the real rows: a batch of fewer samples
+        else:  # a site first met without the mask's axes: units per sample, tokens gathered anyway
+            site.stats.update(output, inp)
 
     def __len__(self) -> int:
         return len(self._sites)

@@ -71,17 +71,22 @@ class SiteStats(Accumulators):
     def units(self) -> int:
         return self.shape[self.unit_axis] if self.shape else 1
 
-    def update(self, output: Any, inp: Any = None) -> None:
+    def update(self, output: Any, inp: Any = None, samples: int | None = None) -> None:
         """Fold one batch of a site's output (batch axis first) into the accumulators.
 
         `inp` is the activation's input, used only where the definition of "active" needs it
         (PReLU). The tensor is reduced here and not kept: in-place activations hand us an
-        object that later ops will overwrite.
+        object that later ops will overwrite. `samples` is how many samples the batch counts
+        as where its leading axis is not the sample axis: a token site's real tokens, gathered
+        from [batch, seq] positions by an attention mask, are `samples` sequences.
         """
         y = output.detach() if hasattr(output, "detach") else output  # a torch tensor, or a numpy array
         if y.ndim == 0:
             y = y.reshape(1)
-        self.samples += y.shape[0] if y.ndim > len(self.shape) else 1
+        if samples is not None:
+            self.samples += samples
+        else:
+            self.samples += y.shape[0] if y.ndim > len(self.shape) else 1
         self.elements += math.prod(y.shape)
         unit_dim = self.unit_axis + (y.ndim - len(self.shape)) if self.shape else None
         self.reduction.update(self, y, inp, unit_dim)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...distributed import World, init, shutdown, world_from_env
-from ...errors import ModelRunError, ReluscopeError, first_line
+from ...errors import InputError, ModelRunError, ReluscopeError, first_line
 from ...measure.recorder import SiteRecorder
 from ...measure.reductions import NonfinitePolicy
 from ...run import Run
@@ -20,7 +20,7 @@ from .session import TorchSession
 from .torchscript import ScriptCapture
 from .devices import prepared_module, resolve_device, to_device
 from .gradients import ParameterGradients, trainable
-from .inputs import input_caster
+from .inputs import _exported_inputs, input_caster
 from .routes import choose_reduction
 
 
@@ -110,11 +110,20 @@ class TorchBackend(Backend):
             with grad_context as floating, (torch.enable_grad() if gradients else torch.inference_mode()), session:
                 parameter_grads = ParameterGradients.of(floating, device) if gradients else None
                 owns = world.owns if world.active else None
+                fixed = fixed_batch_size(module)
                 for batch in run.batches(owns=owns, ranks=world.size):
-                    output = run.forward(session, cast(to_device(batch.inputs, device)))
-                    if parameter_grads is not None:
-                        _backward(parameter_grads, output, batch.labels, run)
-                    del output  # releases this batch's autograd graph before the next forward
+                    inputs = cast(to_device(batch.inputs, device))
+                    mask = None if batch.mask is None else batch.mask.to(device)
+                    for part, part_mask, labels, real in _fit_batch(inputs, mask, batch.labels, batch.size, fixed,
+                                                                    run, gradients):
+                        with run.recorder.masked(part_mask, samples=real):
+                            output = run.forward(session, part)
+                        if parameter_grads is not None:
+                            _backward(parameter_grads, output, labels, run)
+                        del output  # releases this batch's autograd graph before the next forward
+            for note in [*self.loaded.notes, *run.recorder.notes]:
+                if note not in run.warnings:
+                    run.warnings.append(note)
             if world.active:
                 from ...distributed import all_reduce_int
 
@@ -125,6 +134,56 @@ class TorchBackend(Backend):
             if world.active:
                 parameter_grads.all_reduce()
             return {"available": True, **parameter_grads.to_dict()} if parameter_grads.batches else None
+
+
+def fixed_batch_size(module: Any) -> int | None:
+    """The batch size a torch.export graph was exported with, where it is fixed (not a dynamic Dim)."""
+    specs = _exported_inputs(module)
+    firsts = {dims[0] if dims else None for _, dims, _ in specs or ()}
+    if len(firsts) != 1:
+        return None
+    first = next(iter(firsts))
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def _fit_batch(inputs: Any, mask: torch.Tensor | None, labels: Any, rows: int, fixed: int | None, run: Run,
+               gradients: bool) -> Any:
+    """(inputs, mask, labels, real rows) to feed: the batch as it is, or, for a graph exported with a fixed
+    batch size, chunks of that size with the last one zero-padded and the padding masked out of the
+    statistics (as the ONNX route does)."""
+    if fixed is None or rows == fixed:
+        yield inputs, mask, labels, None
+        return
+    if gradients and rows % fixed:
+        raise InputError(f"the .pt2 model was exported with a fixed batch size of {fixed}; with --gradients the "
+                         f"padding of a batch of {rows} would enter the loss: pass a --batch-size (and --max-samples, "
+                         f"if any) that is a multiple of {fixed}")
+    note = (f"the .pt2 model was exported with a fixed batch size of {fixed}: batches are fed in chunks of {fixed}, "
+            "the last one zero-padded (padded rows are not measured)")
+    if note not in run.warnings:
+        run.warnings.append(note)
+    for start in range(0, rows, fixed):
+        real = min(fixed, rows - start)
+
+        def part(tensor: torch.Tensor) -> torch.Tensor:
+            piece = tensor[start:start + fixed]
+            if real < fixed:
+                piece = torch.cat([piece, piece.new_zeros((fixed - real, *piece.shape[1:]))])
+            return piece
+
+        parts = {k: part(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(map(part, inputs))
+        if mask is not None:
+            part_mask = part(mask)  # padded rows: no real token
+        elif real < fixed:
+            part_mask = torch.arange(fixed, device=parts_device(parts)) < real  # rows of the batch that are real
+        else:
+            part_mask = None
+        yield parts, part_mask, None if labels is None else labels[start:start + real], real
+
+
+def parts_device(parts: Any) -> torch.device:
+    first = next(iter(parts.values())) if isinstance(parts, dict) else parts[0]
+    return first.device
 
 
 def _backward(parameter_grads: ParameterGradients, output: Any, labels: Any, run: Run) -> None:

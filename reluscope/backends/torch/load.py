@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
 from pathlib import Path
@@ -28,8 +29,8 @@ from ...errors import InputError, UnsafeCheckpointError, UsageError, first_line
 from ..base import LoadedModel
 from ...files import unpickling_refused
 from .pt2_check import PICKLE_REFUSAL, check_pt2
+from .weight_files import index_beside, looks_like_safetensors, read_index, read_safetensors, shard_of
 
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
 
 def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: bool) -> LoadedModel:
@@ -37,7 +38,50 @@ def load_torch(path: Path, kind: str, *, arch: str | None, trust_checkpoint: boo
         return _load_torchscript(path, trust_checkpoint=trust_checkpoint)
     if kind == "torch-export":
         return _load_export(path, trust_checkpoint=trust_checkpoint)
+    if kind == "safetensors":
+        return _load_safetensors(path, arch=arch)
+    if kind == "weight-index":
+        return load_state_dict_file(path, read_index(path, _read_shard), arch=arch, kind="torch-state-dict")
     return _load_checkpoint(path, arch=arch, trust_checkpoint=trust_checkpoint)
+
+
+def _load_safetensors(path: Path, *, arch: str | None) -> LoadedModel:
+    """A .safetensors file (data only, whatever --trust-checkpoint says); a shard of a sharded checkpoint
+    brings the others through the index file beside it."""
+    shard = shard_of(path)
+    if shard is not None:
+        index = index_beside(path)
+        if index is None:
+            raise InputError(f"{path} is shard {shard[0]} of {shard[1]} of a sharded checkpoint and no index file "
+                             "beside it lists it; give the index (model.safetensors.index.json) with every shard "
+                             "beside it")
+        loaded = load_state_dict_file(path, read_index(index, _read_shard), arch=arch)
+        loaded.notes.append(f"{path.name} is one shard: analysing all {shard[1]} shards listed in {index.name}")
+        return loaded
+    return load_state_dict_file(path, read_safetensors(path), arch=arch)
+
+
+def _read_shard(path: Path) -> Mapping[str, torch.Tensor]:
+    """One shard of an index: .safetensors, or a torch.save file read weights-only (never unpickling code)."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if looks_like_safetensors(head, path.stat().st_size):
+        return read_safetensors(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe, detail = unpickling_refused(exc)
+        if unsafe:
+            raise UnsafeCheckpointError(f"refused to load shard {path}: it holds pickled Python objects beyond "
+                                        "weights, and unpickling them runs code from the file; shards are read as "
+                                        "weights only") from exc
+        raise InputError(f"cannot read shard {path}: it is not a readable pickle ({detail}); re-save it") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read shard {path}: {_damage(exc)}; the file may be damaged or truncated") from exc
+    found = find_state_dict(obj)
+    if found is None:
+        raise InputError(f"shard {path} holds no weights (a mapping of names to tensors)")
+    return found
 
 
 
@@ -181,48 +225,122 @@ def _load_checkpoint(path: Path, *, arch: str | None, trust_checkpoint: bool) ->
                          "truncated, re-save it") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "torch-pickle")
-    state_dict = find_state_dict(obj)
-    if state_dict is None:
+    if arch is None and isinstance(obj, Mapping):
+        module = next((v for v in obj.values() if isinstance(v, nn.Module)), None)
+        if module is not None:  # a trusted {"model": nn.Module, "epoch": ...}
+            return LoadedModel(module, "torch-pickle")
+    return load_state_dict_file(path, obj, arch=arch)
+
+
+def _load_trusted(path: Path) -> Any:
+    try:
+        with _importable_from(path.parent):  # the model's class may live in a module beside it
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        if "__main__" in str(exc):
+            raise InputError(f"cannot unpickle {path}: its model class was defined in the training script's "
+                             "__main__, which is not importable here; save model.state_dict() and pass --arch "
+                             "FILE.py:FACTORY, or define the class in a module beside the model") from exc
+        raise InputError(f"cannot unpickle {path} even with --trust-checkpoint: {first_line(exc)} "
+                         "(is the module that defines the model's class importable?)") from exc
+
+
+def load_state_dict_file(path: Path, obj: Any, *, arch: str | None, kind: str = "torch-state-dict") -> LoadedModel:
+    """The --arch model with the weights found in `obj` (a state_dict, or a training checkpoint holding one)."""
+    candidates = list(state_dict_candidates(obj))
+    if not candidates:
         raise InputError(f"{path} holds a {type(obj).__name__} with no state_dict (a mapping of names to tensors) "
                          "in it; save model.state_dict() or the whole model")
     if arch is None:
         raise UsageError(f"{path} is a state_dict: pass --arch FILE.py:FACTORY (or package.module:FACTORY) "
                          "naming a function that builds the untrained model")
-    model = build_from_factory(arch)
-    _load_weights(model, state_dict, path)
-    return LoadedModel(model, "torch-state-dict")
+    with _importable_from(path.parent):
+        model = build_from_factory(arch)
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    matches = sorted((_match(where, sd, expected) for where, sd in candidates),
+                     key=lambda m: (-m.score, -m.named, _preference(m.where)))
+    best = matches[0]
+    loaded = LoadedModel(model, kind)
+    equal = [m.where for m in matches[1:] if m.score == best.score and best.score]
+    if equal:
+        loaded.notes.append(f"{path} holds several weight sets that fit the --arch model ({', '.join([best.where, *equal])}); "
+                            f"analysing {best.where}")
+    _load_weights(model, best, path)
+    return loaded
 
 
-def _load_trusted(path: Path) -> Any:
+# Where training code keeps its weights, most usual first: breaks ties between weight sets that fit
+# equally well (an EMA copy beside the trained weights).
+_PREFERRED_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "network", "module", "weights",
+                   "params", "ema", "model_ema", "ema_state_dict")
+_ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")  # torch.compile's wrapper, anywhere in a name
+
+
+def state_dict_candidates(obj: Any, where: str = "", depth: int = 0) -> Iterator[tuple[str, Mapping[str, torch.Tensor]]]:
+    """Every mapping of names to tensors in `obj`, under any key (a Lightning .ckpt's "state_dict",
+    "model_state", "ema"...), with where it was found."""
+    if isinstance(obj, Mapping) and obj:
+        if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            yield (where or "the file's top level"), obj
+            return
+        if depth < 4:
+            for key, value in obj.items():
+                yield from state_dict_candidates(value, f"{where or 'checkpoint'}[{key!r}]", depth + 1)
+
+
+def _preference(where: str) -> int:
+    key = where.rsplit("[", 1)[-1].strip("]'\"") if "[" in where else ""
+    return _PREFERRED_KEYS.index(key) if key in _PREFERRED_KEYS else len(_PREFERRED_KEYS)
+
+
+class _Match:
+    """A weight set mapped onto the model's names: prefixes stripped (or added) as they match best."""
+
+    def __init__(self, where: str, weights: dict[str, torch.Tensor], outside: int, score: int, named: int,
+                 how: str) -> None:
+        self.where, self.weights, self.outside, self.score, self.named, self.how = \
+            where, weights, outside, score, named, how
+
+
+def _match(where: str, sd: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> _Match:
+    """Map `sd`'s names onto `expected`'s: `_orig_mod.` dropped anywhere, then the one name prefix to strip
+    (`module.`, `model.`, a Lightning module's attribute...) or to add that matches the most weights."""
+    names = {_ORIG_MOD.sub(r"\1", key): value for key, value in sd.items()}
+    strip: dict[str, int] = {}
+    for key in names:
+        for cut in _cuts(key):
+            if key[cut:] in expected:
+                strip[key[:cut]] = strip.get(key[:cut], 0) + 1
+    add: dict[str, int] = {}
+    for key in expected:
+        for cut in _cuts(key):
+            if cut and key[cut:] in names:
+                add[key[:cut]] = add.get(key[:cut], 0) + 1
+    options = [(count, -len(prefix), "strip", prefix) for prefix, count in strip.items()]
+    options += [(count, -len(prefix), "add", prefix) for prefix, count in add.items()]
+    _, _, how, prefix = max(options, default=(0, 0, "strip", ""))
+    if how == "add":
+        weights, outside = {prefix + key: value for key, value in names.items()}, 0
+    else:
+        weights = {key[len(prefix):]: value for key, value in names.items() if key.startswith(prefix)}
+        outside = len(names) - len(weights)
+    named = sum(1 for key in weights if key in expected)
+    score = sum(1 for key, value in weights.items() if expected.get(key) == tuple(value.shape))
+    return _Match(where, weights, outside, score, named, f"{how} {prefix!r}" if prefix else "as saved")
+
+
+def _cuts(key: str) -> list[int]:
+    """Where a name may be cut into prefix + rest: its start and after each dot."""
+    return [0] + [i + 1 for i, char in enumerate(key) if char == "."]
+
+
+def _load_weights(model: nn.Module, match: "_Match", path: Path) -> None:
+    source = "" if match.where.startswith("the file") else f" (at {match.where})"
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot unpickle {path} even with --trust-checkpoint: {first_line(exc)} "
-                         "(is the module that defines the model's class importable?)") from exc
-
-
-def find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
-    """A mapping of names to tensors, at the top level or nested under a usual key."""
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, Mapping):
-        for key in _NESTED_KEYS:
-            if key in obj:
-                found = find_state_dict(obj[key])
-                if found is not None:
-                    return found
-    return None
-
-
-def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    keys = list(state_dict)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel/DDP
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
+        result = model.load_state_dict(match.weights, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
-        raise InputError(f"the weights in {path} do not fit the --arch model ({detail}): "
+        raise InputError(f"the weights in {path}{source} do not fit the --arch model ({detail}): "
                          "check that --arch builds the same architecture") from exc
     problems = []
     if result.missing_keys:
@@ -231,8 +349,13 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}"
                         + (" ..." if len(result.unexpected_keys) > 5 else ""))
     if problems:
-        raise InputError(f"the weights in {path} do not fit the --arch model ({'; '.join(problems)}): "
+        raise InputError(f"the weights in {path}{source} do not fit the --arch model ({'; '.join(problems)}): "
                          "check that --arch builds the same architecture")
+
+
+def find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """The first mapping of names to tensors in `obj` (kept for callers; loading matches them all)."""
+    return next((sd for _, sd in state_dict_candidates(obj)), None)
 
 
 def resolve_factory(spec: str) -> Callable[[], nn.Module]:
@@ -242,7 +365,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise UsageError(f"--arch {spec!r} must look like FILE.py:FACTORY or package.module:FACTORY")
-    if target.endswith(".py") or "/" in target or Path(target).exists():
+    if target.endswith(".py") or "/" in target or Path(target).is_file():
         file = Path(target)
         if not file.is_file():
             raise UsageError(f"--arch file not found: {file}")
@@ -253,13 +376,15 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
         module = importlib.util.module_from_spec(spec_obj)
         sys.modules[module_name] = module  # lets dataclasses/pickle inside the file find their module
         try:
-            spec_obj.loader.exec_module(module)
+            with _importable_from(file.resolve().parent):  # as `python FILE.py` would: its folder first
+                spec_obj.loader.exec_module(module)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code; sys.exit() there must not end reluscope
             sys.modules.pop(module_name, None)
             raise UsageError(f"importing --arch file {file} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     else:
         try:
-            module = importlib.import_module(target)
+            with _importable_from():
+                module = importlib.import_module(target)
         except (Exception, SystemExit) as exc:  # noqa: BLE001
             raise UsageError(f"cannot import --arch module {target!r}: {first_line(exc)}") from exc
     factory = getattr(module, attr, None)
@@ -267,6 +392,27 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
         available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
         raise UsageError(f"--arch: {target} has no callable {attr!r} (callables there: {', '.join(available[:10])})")
     return factory
+
+
+@contextlib.contextmanager
+def _importable_from(*folders: Path) -> Iterator[None]:
+    """Modules in `folders` (the model file's, an --arch file's) and in the current folder importable
+    while the block runs, as for a user running `python` there: the console script `reluscope`, unlike
+    `python -m`, does not put the current folder on sys.path."""
+    added = []
+    for folder in (*folders, Path.cwd()):
+        entry = str(folder.resolve()) if str(folder) else str(Path.cwd())
+        if entry not in sys.path and entry not in added:
+            added.append(entry)
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for entry in added:
+            try:
+                sys.path.remove(entry)
+            except ValueError:
+                pass
 
 
 def build_from_factory(spec: str) -> nn.Module:
