@@ -78,6 +78,9 @@ _DEFS: dict[str, Any] = {
             "rarely_active_units": {"$ref": "#/$defs/unit_list"},
             "rarely_active_fraction": _FRACTION,
             "dormant_units": {"$ref": "#/$defs/unit_list"},
+            "unit_active_fraction": {"description": "Per unit (by index along the unit axis), the share of its "
+                                     "outputs that were active, to 4 significant digits (0 only for dead units).",
+                                     "type": "array", "items": _FRACTION},
             "min": {"description": "Smallest finite output; null when there was none.", **_nullable(_NUMBER)},
             "max": {"description": "Largest finite output; null when there was none.", **_nullable(_NUMBER)},
             "mean": _NUMBER,
