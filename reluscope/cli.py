@@ -167,6 +167,8 @@ def analyze(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
+        if opts["html"] is not None:
+            _check_html(opts["html"])  # before the analysis: the extra is installed, the file writable
         report = _run_with_progress(model, opts["data"], config, quiet)
         from .distributed import world_from_env
 
@@ -187,7 +189,7 @@ def analyze(
         elif output is None:
             from .present.table import print_table
 
-            print_table(payload)
+            print_table(payload, bars=not opts["no_bars"])
         else:
             from .present.table import render_table
             from .present.table import render_text
@@ -197,6 +199,8 @@ def analyze(
             if report.gates:
                 text = text.rstrip("\n") + "\n" + render_text(gate_table(report.gates))
             emit(text, output)
+        if opts["html"] is not None:
+            _write_html(opts["html"], [payload])
         if output is not None and not quiet:
             from .present.table import summary_text
 
@@ -341,3 +345,64 @@ def _root(
 
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv, prog_name="reluscope")
+
+
+# ----------------------------------------------------------------------------- HTML: `--html FILE` and `report`
+def _check_html(path: Path) -> None:
+    from .output import check_writable
+    from .present.html import require_plotly
+
+    require_plotly()
+    check_writable(path)
+
+
+def _write_html(path: Path, reports: list[dict[str, Any]], title: Optional[str] = None,
+                labels: Optional[List[str]] = None) -> None:
+    from .output import write_atomic
+    from .present.html import render_html
+
+    write_atomic(path, render_html(reports, title=title, labels=labels))
+
+
+@app.command("report")
+def report_command(
+    reports: List[Path] = typer.Argument(..., metavar="REPORT.json...", help="Reports written by `reluscope "
+                                         "analyze -f json`. Several are read as a sequence, in the order given: "
+                                         "checkpoints of one training run, or base then candidate."),
+    html: Path = typer.Option(..., "--html", metavar="FILE", help="Write one self-contained HTML page "
+                              "(opens offline). Needs the extra: pip install \"reluscope[html]\"."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title (default: from the model files)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", metavar="NAME", help="Name of each report in the "
+                                              "charts, once per report in order (default: the model file names)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not say where the page was written."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Render reports already written as one HTML page: charts by depth, unit strips, gates and warnings;
+    for several reports, dead share and zero fraction across them and a diff of two.
+
+    Exit codes: 0 written, 2 bad usage or input (no report, a file that is not a report, no Plotly).
+    """
+
+    def body() -> int:
+        from .diff import load_report
+
+        _check_html(html)
+        if label and len(label) != len(reports):
+            raise UsageError(f"--label was given {len(label)} times for {len(reports)} reports; give one per report")
+        loaded = [load_report(path) for path in reports]
+        names = list(label) if label else _report_labels(reports, loaded)
+        _write_html(html, loaded, title=title, labels=names)
+        if not quiet:
+            err_console.print(f"HTML report of {len(loaded)} report{'s' if len(loaded) > 1 else ''} written to {html}",
+                              style="dim", highlight=False, soft_wrap=True)
+        return EXIT_OK
+
+    run_guarded(body, debug)
+
+
+def _report_labels(paths: List[Path], reports: List[dict[str, Any]]) -> List[str]:
+    """The model file names; the report file names where those repeat (one model, several runs)."""
+    from .present.html import report_label
+
+    names = [report_label(r, i) for i, r in enumerate(reports)]
+    return names if len(set(names)) == len(names) else [p.stem for p in paths]

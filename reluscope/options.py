@@ -188,6 +188,11 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("trust_checkpoint", False, bool, ("--trust-checkpoint",), "Allow unpickling code from the checkpoint "
            "(a whole pickled nn.Module, pickled objects in a .pt2 archive). Only for files you trust.", None,
            not_in_config=TRUST_CHECKPOINT_NOT_IN_CONFIG),
+    Option("html", None, Optional[Path], ("--html",), "Also write the report as one self-contained HTML page "
+           "(charts by depth, unit strips, gates; opens offline). Needs the extra: pip install \"reluscope[html]\".",
+           None, analysis=False, metavar="FILE"),
+    Option("no_bars", False, bool, ("--no-bars",), "No zero/dead share bars in the terminal table (they are "
+           "only drawn on a terminal).", None, analysis=False),
     Option("fail_on", None, Optional[List[str]], ("--fail-on",), FAIL_ON_HELP, _rules, analysis=False,
            metavar="RULE", diff=True),
     Option("junit", None, Optional[Path], ("--junit",), "Also write the gate results as JUnit XML (one test case "

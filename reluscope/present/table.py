@@ -34,7 +34,7 @@ def worst_sites(layers: list[dict[str, Any]], count: int = WORST_SHOWN) -> list[
     return [l["name"] for l in ranked[:count]]
 
 
-def layers_table(report: dict[str, Any]) -> Table:
+def layers_table(report: dict[str, Any], *, bars: bool = False) -> Table:
     layers = report["layers"]
     worst = set(worst_sites(layers))
     show_saturation = any(l.get("saturated_fraction") is not None for l in layers)
@@ -47,6 +47,10 @@ def layers_table(report: dict[str, Any]) -> Table:
     table.add_column("op", no_wrap=True)
     table.add_column("units", justify="right", no_wrap=True)
     table.add_column("zero %", justify="right", no_wrap=True)
+    if bars:
+        from .bars import HEADER, share_bar
+
+        table.add_column(HEADER, no_wrap=True)
     table.add_column("dead", justify="right", no_wrap=True)
     table.add_column("rarely active", justify="right", no_wrap=True)
     if show_dormant:
@@ -66,6 +70,7 @@ def layers_table(report: dict[str, Any]) -> Table:
         style = "bold red" if layer["name"] in worst else ("red" if layer["dead_units"] else None)
         row = [
             layer["name"], layer["op"], str(units), f"{100 * layer['zero_fraction']:.1f}",
+            *([share_bar(layer)] if bars else []),
             Text(dead, style="red" if layer["dead_units"] else ""),
             _units_cell(layer["rarely_active_units"], units),
         ]
@@ -105,8 +110,8 @@ def summary_text(report: dict[str, Any]) -> Text:
     return text
 
 
-def table_renderable(report: dict[str, Any]) -> Group:
-    parts: list[Any] = [layers_table(report), summary_text(report)]
+def table_renderable(report: dict[str, Any], *, bars: bool = False) -> Group:
+    parts: list[Any] = [layers_table(report, bars=bars), summary_text(report)]
     if report.get("gradient_flow") is not None:
         from .gradients import gradient_renderable
 
@@ -114,19 +119,21 @@ def table_renderable(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_table(report: dict[str, Any], *, bars: bool = True) -> None:
     """The table on stdout, never squeezed: Rich would cut numbers to "5.…" to fit a narrow (or
-    piped, 80-column) console, so the console widens to the table's natural width instead."""
+    piped, 80-column) console, so the console widens to the table's natural width instead.
+    `bars`: a zero/dead share bar per site, drawn only when stdout is a terminal."""
     console = Console()
-    natural = natural_width(report)
+    bars = bars and console.is_terminal
+    natural = natural_width(report, bars=bars)
     if natural > console.width:
         console = Console(width=natural)
-    console.print(table_renderable(report))
+    console.print(table_renderable(report, bars=bars))
 
 
-def natural_width(report: dict[str, Any]) -> int:
+def natural_width(report: dict[str, Any], *, bars: bool = False) -> int:
     """Columns the layer table needs to show every cell in full."""
-    return Console(width=10_000).measure(layers_table(report)).maximum
+    return Console(width=10_000).measure(layers_table(report, bars=bars)).maximum
 
 
 def render_table(report: dict[str, Any]) -> str:
