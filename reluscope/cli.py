@@ -209,8 +209,10 @@ def analyze(
         for target in (output, opts["junit"]):
             if target is not None:
                 check_writable(target)
-        check_distinct_outputs({"-o": output, "--junit": opts["junit"]},
+        check_distinct_outputs({"-o": output, "--junit": opts["junit"], "--html": opts["html"]},
                                {"the model": model, "--data": opts["data"], "--arch": opts["arch"]})
+        if opts["html"] is not None:
+            _check_html(opts["html"])  # before the analysis: the extra is installed, the file writable
         timeout = opts["timeout"]
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
@@ -223,7 +225,9 @@ def analyze(
 
         payload = report.to_dict()
         payload["gates"] = evaluate(rules, payload)  # before writing: -o FILE holds the gates
-        return emit_document(payload, fmt, output=output, junit=opts["junit"], quiet=quiet, err=err_console)
+        pages = [] if opts["html"] is None else [(opts["html"], _render_html([payload]))]
+        return emit_document(payload, fmt, output=output, junit=opts["junit"], quiet=quiet, err=err_console,
+                             also=pages, bars=not opts["no_bars"])
 
     run_guarded(body, debug)
 
@@ -333,3 +337,68 @@ def _root(
 
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv, prog_name="reluscope")
+
+
+# ----------------------------------------------------------------------------- HTML: `--html FILE` and `report`
+def _check_html(path: Path) -> None:
+    from .output import check_writable
+    from .present.html import require_plotly
+
+    require_plotly()
+    check_writable(path)
+
+
+def _render_html(reports: list[dict[str, Any]], title: Optional[str] = None,
+                 labels: Optional[List[str]] = None) -> str:
+    from .present.html import render_html
+
+    return render_html(reports, title=title, labels=labels)
+
+
+@app.command("report")
+def report_command(
+    reports: List[Path] = typer.Argument(..., metavar="REPORT.json...", help="Reports written by `reluscope "
+                                         "analyze -f json`. Several are read as a sequence, in the order given: "
+                                         "checkpoints of one training run, or base then candidate."),
+    html: Path = typer.Option(..., "--html", metavar="FILE", help="Write one self-contained HTML page "
+                              "(opens offline). Needs the extra: pip install \"reluscope[html]\"."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title (default: from the model files)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", metavar="NAME", help="Name of each report in the "
+                                              "charts, once per report in order (default: the model file names)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not say where the page was written."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Render reports already written as one HTML page: charts by depth, unit strips, gates and warnings;
+    for several reports, dead share and zero fraction across them and a diff of two.
+
+    Exit codes: 0 written, 2 bad usage or input (no report, a file that is not a report, no Plotly).
+    """
+
+    def body() -> int:
+        from .diff import load_report
+        from .output import check_distinct_outputs, write_together
+
+        check_distinct_outputs({"--html": html}, {f"REPORT {i + 1}": path for i, path in enumerate(reports)})
+        _check_html(html)
+        if label and len(label) != len(reports):
+            raise UsageError(f"--label was given {len(label)} times for {len(reports)} reports; give one per report")
+        loaded = [load_report(path) for path in reports]
+        names = list(label) if label else _report_labels(reports, loaded)
+        write_together([(html, _render_html(loaded, title=title, labels=names))])
+        if not quiet:
+            plural = "s" if len(loaded) > 1 else ""
+            from .present.cells import visible
+
+            err_console.print(Text(f"HTML report of {len(loaded)} report{plural} written to {visible(str(html))}",
+                                   style="dim"), highlight=False, soft_wrap=True)
+        return EXIT_OK
+
+    run_guarded(body, debug)
+
+
+def _report_labels(paths: List[Path], reports: List[dict[str, Any]]) -> List[str]:
+    """The model file names; the report file names where those repeat (one model, several runs)."""
+    from .present.html import report_label
+
+    names = [report_label(r, i) for i, r in enumerate(reports)]
+    return names if len(set(names)) == len(names) else [p.stem for p in paths]

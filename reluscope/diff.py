@@ -58,6 +58,9 @@ def _kind_problem(metric: Metric, value: Any) -> str | None:
     if kind in ("unit_list", "shape"):
         ok = isinstance(value, list) and all(_number(v) and isinstance(v, int) and v >= 0 for v in value)
         return None if ok else "is not a list of whole numbers >= 0"
+    if kind == "fractions":
+        ok = isinstance(value, list) and all(_number(v) for v in value)
+        return None if ok else "is not a list of numbers"
     if kind == "numbers":
         ok = isinstance(value, dict) and all(v is None or _number(v) for v in value.values())
         return None if ok else "is not an object of numbers"

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 SITE = "site"
 SUMMARY = "summary"
 
-#: JSON kinds. `unit_list`: unit indices (gates and diff count them); `numbers`: an object of
+#: JSON kinds. `unit_list`: unit indices (gates and diff count them); `fractions`: one share per unit; `numbers`: an object of
 #: named numbers; `object`: an object with the documented `members` (a `$defs` entry of its own).
-KINDS = ("name", "text", "shape", "index", "count", "fraction", "number", "nonneg", "unit_list", "numbers", "object")
+KINDS = ("name", "text", "shape", "index", "count", "fraction", "number", "nonneg", "unit_list", "fractions", "numbers",
+         "object")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ SITE_FIELDS: tuple[Metric, ...] = (
           "share of units active on fewer than --rare-threshold of outputs (0..1)"),
     _site("dormant_units", "unit_list", "number of tau-dormant units", changes=True, label="dormant", cell="units",
           always=False),
+    _site("unit_active_fraction", "fractions", required=False,
+          description="Per unit (by index along the unit axis), the share of its outputs that were active, to 4 "
+                      "significant digits (0 only for dead units)."),
     _site("min", "number", "smallest finite output", nullable=True, changes=True,
           description="Smallest finite output; null when there was none.", label="min", cell="measure"),
     _site("max", "number", "largest finite output", nullable=True, changes=True,

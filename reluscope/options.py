@@ -219,6 +219,11 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("timeout", None, Optional[float], ("--timeout",), "Stop with exit 2 when the analysis (loading the "
            "model included) takes longer than SECONDS: for CI, against a model that never finishes. Ctrl-C "
            "stops any analysis within a second (exit 130).", None, analysis=False, metavar="SECONDS"),
+    Option("html", None, Optional[Path], ("--html",), "Also write the report as one self-contained HTML page "
+           "(charts by depth, unit strips, gates; opens offline). Needs the extra: pip install \"reluscope[html]\".",
+           None, analysis=False, metavar="FILE"),
+    Option("no_bars", False, bool, ("--no-bars",), "No zero/dead share bars in the terminal table (they are "
+           "only drawn on a terminal).", None, analysis=False),
     Option("fail_on", None, Optional[List[str]], ("--fail-on",), FAIL_ON_HELP, _rules, analysis=False,
            metavar="RULE", diff=True),
     Option("junit", None, Optional[Path], ("--junit",), "Also write the gate results as JUnit XML (one test case "

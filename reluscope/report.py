@@ -29,6 +29,11 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits: short in JSON, and never rounded to 0 when it is not 0."""
+    return float(f"{value:.{digits}g}")
+
+
 def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *, hard_zero: bool,
                 upper: float | None) -> dict[str, Any]:
     """One `layers[]` entry from a site's host-side accumulators (see SiteStats.to_host)."""
@@ -63,6 +68,8 @@ def build_layer(info: SiteInfo, host: dict[str, Any], thresholds: Thresholds, *,
         "rarely_active_units": rare,
         "rarely_active_fraction": len(rare) / units if units else 0.0,
         "dormant_units": dormant,
+        # per unit, the share of its outputs that were active (4 significant digits: the HTML unit strip)
+        "unit_active_fraction": [_significant(a / per_unit) for a in active] if per_unit else [0.0] * units,
         "min": _finite_or_none(host["min"]) if finite_count else None,
         "max": _finite_or_none(host["max"]) if finite_count else None,
         "mean": mean,

@@ -43,6 +43,7 @@ _KIND: dict[str, dict[str, Any]] = {
     "number": _NUMBER,
     "nonneg": _NONNEG,
     "unit_list": {"$ref": "#/$defs/unit_list"},
+    "fractions": {"type": "array", "items": _FRACTION},
     "numbers": {"type": "object", "additionalProperties": _NUMBER},
 }
 def _property(metric: Metric) -> dict[str, Any]:

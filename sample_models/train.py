@@ -1,7 +1,7 @@
 """Train the sample digits models and export them in every format reluscope reads.
 
 Run from anywhere: ``python sample_models/train.py``. All outputs are written
-next to this script. Training is deterministic (fixed seeds, deterministic
+next to this script; ``--checkpoints-only`` writes only the training run in run/. Training is deterministic (fixed seeds, deterministic
 algorithms, one thread), so re-running reproduces the same weights.
 """
 
@@ -143,12 +143,53 @@ def check_onnx(path, ref, x_check):
         np.testing.assert_allclose(got, ref(x_check[:n]).numpy(), atol=1e-4, rtol=0)
 
 
+# A training run whose units die: the MLP with a learning rate 20x the one above, saved as a
+# state_dict at a few epochs (`reluscope report run/*.json --html` reads them as a sequence).
+RUN_DIR = HERE / "run"
+RUN_LR = 0.02
+RUN_EPOCHS = (0, 1, 3, 6, 12)
+
+
+def train_checkpoints():
+    """Save digits_mlp at RUN_EPOCHS while fc1's units die (about 50 of 128 after one epoch, 74 after 12)."""
+    x_train, y_train, x_cal, y_cal = load_data()
+    RUN_DIR.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = digits_mlp()
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=RUN_LR)
+    run = {"architecture": "sample_models/architectures.py:digits_mlp", "learning_rate": RUN_LR,
+           "calibration": "../digits_calib.npz", "checkpoints": []}
+    for epoch in range(max(RUN_EPOCHS) + 1):
+        if epoch:
+            model.train()
+            perm = torch.randperm(len(x_train), generator=gen)
+            for i in range(0, len(x_train), 16):
+                idx = perm[i : i + 16]
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        if epoch in RUN_EPOCHS:
+            model.eval()
+            path = RUN_DIR / f"digits_mlp_epoch{epoch:02d}.pt"
+            torch.save(model.state_dict(), path)
+            dead = dead_units(model, x_cal)
+            run["checkpoints"].append({"epoch": epoch, "file": path.name, "dead_units": dead,
+                                       "test_accuracy": round(accuracy(model, x_cal, y_cal), 4)})
+            print(f"run: epoch {epoch:2d}  dead: " + ", ".join(f"{k} {v['dead']}/{v['units']}" for k, v in dead.items()))
+    (RUN_DIR / "manifest.json").write_text(json.dumps(run, indent=2) + "\n")
+
+
 def main():
     start = time.perf_counter()
     torch.manual_seed(0)
     np.random.seed(0)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # avoids thread-count-dependent float reductions
+    if "--checkpoints-only" in sys.argv[1:]:
+        train_checkpoints()
+        return
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     x_train, y_train, x_cal, y_cal = load_data()
@@ -192,6 +233,7 @@ def main():
               f"(train {train_s:.1f}s, +export {time.perf_counter() - t0 - train_s:.1f}s)")
 
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    train_checkpoints()
     print(f"wrote {len(specs)} models to {HERE} in {time.perf_counter() - start:.1f}s")
 
 

@@ -83,6 +83,8 @@ def _uses(project: Path) -> dict[str, tuple[list[str], str | None]]:
         "stats_kernel": (["--stats-kernel", "torch"], 'stats-kernel = "torch"'),
         "trust_checkpoint": (["--trust-checkpoint"], None),
         "timeout": (["--timeout", "600"], None),
+        "html": (["--html", str(project / "report.html")], None),
+        "no_bars": (["--no-bars"], None),
         "fail_on": (["--fail-on", "dead_fraction>0.99"], 'fail-on = ["dead_fraction>0.99"]'),
         "junit": (["--junit", str(project / "gates.xml")], 'junit = "gates.xml"'),
         "config_file": (["--config", str(project / "reluscope.toml")], None),

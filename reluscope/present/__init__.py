@@ -45,8 +45,9 @@ class JsonFormat:
         emit(self.render(document), None)
 
 
-def to_format(fmt: OutputFormat) -> Formatter:
-    """The formatter for a `--format` choice (the choices are declared with the other options)."""
+def to_format(fmt: OutputFormat, *, bars: bool = True) -> Formatter:
+    """The formatter for a `--format` choice (the choices are declared with the other options);
+    `bars`: the table's zero/dead share bars on a terminal."""
     if fmt is OutputFormat.json:
         return JsonFormat()
     if fmt is OutputFormat.markdown:
@@ -55,4 +56,4 @@ def to_format(fmt: OutputFormat) -> Formatter:
         return MarkdownFormat()
     from .table import TableFormat
 
-    return TableFormat()
+    return TableFormat(bars=bars)

@@ -46,13 +46,13 @@ def gate_exit(gates: Sequence[Mapping[str, Any]]) -> int:
 
 
 def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Path | None, junit: Path | None,
-                  quiet: bool, err: Console) -> int:
+                  quiet: bool, err: Console, also: Sequence[tuple[Path, str]] = (), bars: bool = True) -> int:
     """Deliver a payload whose `gates` are evaluated; returns the exit code.
 
-    Everything is rendered first, then `-o` and `--junit` are written together (both land or
-    neither does); only then does anything reach stdout or stderr, so a write that fails ends
-    with its one error line and nothing else."""
-    formatter = to_format(fmt)
+    Everything is rendered first, then `-o`, `--junit` and the files in `also` (path, text: the
+    HTML page) are written together (all land or none does); only then does anything reach stdout
+    or stderr, so a write that fails ends with its one error line and nothing else."""
+    formatter = to_format(fmt, bars=bars)
     on_terminal = formatter.terminal and output is None
     text = None if on_terminal else formatter.render(document)
     files: list[tuple[Path, str]] = []
@@ -63,6 +63,7 @@ def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Pat
         from .junit import JUnitFormat
 
         files.append((junit, JUnitFormat().render(document)))
+    files.extend(also)
     write_together(files)
     for warning in document.get("warnings") or []:
         _warn(err, warning)

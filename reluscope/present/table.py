@@ -18,7 +18,7 @@ from .cells import is_diff
 from .cells import arrow, shown_as, signed, site_columns, visible, worst_sites
 
 
-def layers_table(report: Mapping[str, Any]) -> Table:
+def layers_table(report: Mapping[str, Any], *, bars: bool = False) -> Table:
     layers = report["layers"]
     worst = set(worst_sites(layers))
     columns = site_columns(layers)
@@ -28,12 +28,20 @@ def layers_table(report: Mapping[str, Any]) -> Table:
     table.add_column("op", no_wrap=True)
     for column in columns:
         table.add_column(column.label, justify="right", no_wrap=True)
+        if bars and column.metric.name == "zero_fraction":
+            from .bars import HEADER
+
+            table.add_column(HEADER, no_wrap=True)
     for layer in layers:
         style = "bold red" if layer["name"] in worst else ("red" if layer["dead_units"] else None)
         cells: list[Any] = [Text(visible(layer["name"])), Text(visible(layer["op"]))]
         for column in columns:
             text = column.text(layer)
             cells.append(Text(text, style="red" if column.alarm(layer) else "") if column.metric.alarm else text)
+            if bars and column.metric.name == "zero_fraction":
+                from .bars import share_bar
+
+                cells.append(share_bar(layer))
         table.add_row(*cells, style=style)
     return table
 
@@ -59,8 +67,8 @@ def summary_text(report: Mapping[str, Any]) -> Text:
     return text
 
 
-def table_renderable(report: Mapping[str, Any]) -> Group:
-    parts: list[Any] = [layers_table(report), summary_text(report)]
+def table_renderable(report: Mapping[str, Any], *, bars: bool = False) -> Group:
+    parts: list[Any] = [layers_table(report, bars=bars), summary_text(report)]
     if report.get("gradient_flow") is not None:
         from .gradients import gradient_renderable
 
@@ -68,9 +76,9 @@ def table_renderable(report: Mapping[str, Any]) -> Group:
     return Group(*parts)
 
 
-def natural_width(report: Mapping[str, Any]) -> int:
+def natural_width(report: Mapping[str, Any], *, bars: bool = False) -> int:
     """Columns the layer table needs to show every cell in full."""
-    return Console(width=10_000).measure(layers_table(report)).maximum
+    return Console(width=10_000).measure(layers_table(report, bars=bars)).maximum
 
 
 def render_text(*renderables: RenderableType, width: int = 120) -> str:
@@ -143,10 +151,14 @@ def diff_renderable(diff: Mapping[str, Any]) -> Group:
 
 
 class TableFormat:
-    """Rich tables; the gate table follows the payload (on stdout, or in the file)."""
+    """Rich tables; the gate table follows the payload (on stdout, or in the file). `bars`: a
+    zero/dead share bar per site, drawn only when stdout is a terminal (never in files)."""
 
     terminal = True
     step_summary = False
+
+    def __init__(self, bars: bool = True) -> None:
+        self.bars = bars
 
     def render(self, document: Mapping[str, Any]) -> str:
         """Plain text for -o FILE: the payload's tables and, when there are gates, the gate table."""
@@ -165,7 +177,8 @@ class TableFormat:
             Console().print(diff_renderable(document))
             return
         console = Console()
-        natural = natural_width(document)
+        bars = self.bars and console.is_terminal
+        natural = natural_width(document, bars=bars)
         if natural > console.width:
             console = Console(width=natural)
-        console.print(table_renderable(document))
+        console.print(table_renderable(document, bars=bars))
