@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import sys
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .errors import InputError, UsageError, first_line
 from .options import parse_shape  # noqa: F401 - part of this module's API (tests, callers)
@@ -28,11 +28,12 @@ SYNTHETIC_SAMPLES = 256
 
 @dataclass
 class Batch:
-    inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
-    labels: torch.Tensor | None
+    # numpy arrays, or torch tensors where the caller gave tensors (backends convert to what they run)
+    inputs: tuple[Any, ...] | dict[str, Any]
+    labels: Any
     size: int
     # bool [batch, seq], True at real tokens (the attention mask): padding is left out of every statistic
-    mask: torch.Tensor | None = None
+    mask: Any = None
 
 
 @dataclass
@@ -85,12 +86,12 @@ class DataSource:
                 yield self.reader(start, stop)
                 continue
             if self.named is not None and self.wanted and all(name in self.named for name in self.wanted):
-                inputs: Any = {k: _to_tensor(_rows(self.named[k], start, stop), k) for k in self.wanted}
+                inputs: Any = {k: _as_array(_rows(self.named[k], start, stop), k) for k in self.wanted}
             elif isinstance(self.arrays, dict):
-                inputs = {k: _to_tensor(_rows(v, start, stop), k) for k, v in self.arrays.items()}
+                inputs = {k: _as_array(_rows(v, start, stop), k) for k, v in self.arrays.items()}
             else:
-                inputs = tuple(_to_tensor(_rows(a, start, stop), "input") for a in self.arrays or ())
-            labels = None if self.labels is None else _to_tensor(self.labels[start:stop], "labels", keep_int=True)
+                inputs = tuple(_as_array(_rows(a, start, stop), "input") for a in self.arrays or ())
+            labels = None if self.labels is None else _as_array(self.labels[start:stop], "labels", keep_int=True)
             yield with_token_mask(Batch(inputs, labels, stop - start))
 
     @property
@@ -127,25 +128,40 @@ def _wrong_dtype(what: str, dtype: Any, kind: str) -> InputError:
                       "numbers: float, integer or bool arrays")
 
 
-def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        tensor = value
-        if tensor.is_complex():
-            raise _wrong_dtype(what, tensor.dtype, "c")
-    else:
-        array = np.asarray(value)
-        if array.dtype == object or array.dtype.kind not in "biuf":
-            raise _wrong_dtype(what, array.dtype, array.dtype.kind)
-        if not array.dtype.isnative:  # big-endian files ('>f4'): torch reads native byte order only
-            array = array.astype(array.dtype.newbyteorder("="))
-        if not array.flags.writeable:
-            array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
-        tensor = torch.from_numpy(np.require(array, requirements="C"))  # 0-d stays 0-d (a scalar input)
-    if tensor.dtype == torch.float64:
-        tensor = tensor.float()  # numpy's default is float64; models are float32
-    if tensor.dtype == torch.bool and not keep_int:
-        tensor = tensor.float()
-    return tensor
+def is_tensor(value: Any) -> bool:
+    """Whether `value` is a torch tensor, without importing torch (if torch is not loaded, it is not one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _as_array(value: Any, what: str, keep_int: bool = False) -> Any:
+    """Values as a batch holds them: a torch tensor stays a tensor; anything else becomes a C-contiguous
+    numpy array of native byte order (the torch backend wraps it without a copy, and the ONNX backend
+    feeds it as it is, so numpy data never needs torch). float64 becomes float32 (numpy's default
+    is float64; models are float32), booleans 0.0/1.0 unless `keep_int` (labels)."""
+    if is_tensor(value):
+        import torch
+
+        if value.is_complex():
+            raise _wrong_dtype(what, value.dtype, "c")
+        if value.dtype == torch.float64 or value.dtype == torch.bool and not keep_int:
+            value = value.float()
+        return value
+    array = np.asarray(value)
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise _wrong_dtype(what, array.dtype, array.dtype.kind)
+    if not array.dtype.isnative:  # big-endian files ('>f4'): torch reads native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    if not array.flags.writeable:
+        array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
+    array = np.require(array, requirements="C")  # 0-d stays 0-d (a scalar input)
+    if array.dtype == np.float64 or array.dtype == np.bool_ and not keep_int:
+        array = array.astype(np.float32)
+    return array
+
+
+def _is_floating(value: Any) -> bool:
+    return value.is_floating_point() if is_tensor(value) else np.asarray(value).dtype.kind == "f"
 
 
 def _as_batch(item: Any, wanted: tuple[str, ...] | None = None) -> Batch:
@@ -153,37 +169,37 @@ def _as_batch(item: Any, wanted: tuple[str, ...] | None = None) -> Batch:
     if isinstance(item, Mapping) and wanted and all(name in item for name in wanted):
         item = dict(item)
         key = next((k for k in LABEL_KEYS if k in item and k not in wanted), None)
-        labels = None if key is None else _to_tensor(item[key], "labels", keep_int=True)
-        inputs_by_name = {name: _to_tensor(item[name], name) for name in wanted}
-        first = next((v for v in inputs_by_name.values() if v.dim()), None)
+        labels = None if key is None else _as_array(item[key], "labels", keep_int=True)
+        inputs_by_name = {name: _as_array(item[name], name) for name in wanted}
+        first = next((v for v in inputs_by_name.values() if v.ndim), None)
         return Batch(inputs_by_name, labels, first.shape[0] if first is not None else 1)
     if isinstance(item, Mapping):
         item = dict(item)
         for key in LABEL_KEYS:
             if key in item:
-                labels = _to_tensor(item.pop(key), "labels", keep_int=True)
+                labels = _as_array(item.pop(key), "labels", keep_int=True)
                 break
         if len(item) == 1 or any(k in item for k in INPUT_KEYS):
             key = next((k for k in INPUT_KEYS if k in item), next(iter(item)))
-            inputs: Any = (_to_tensor(item[key], "input"),)
+            inputs: Any = (_as_array(item[key], "input"),)
         else:
-            inputs = {k: _to_tensor(v, k) for k, v in item.items()}
+            inputs = {k: _as_array(v, k) for k, v in item.items()}
     elif isinstance(item, (tuple, list)):
-        tensors = [_to_tensor(v, "input") for v in item]
+        tensors = [_as_array(v, "input") for v in item]
         if len(tensors) == 2 and _looks_like_labels(tensors[1], tensors[0]):
             inputs, labels = (tensors[0],), tensors[1]
         else:
             inputs = tuple(tensors)
     else:
-        inputs = (_to_tensor(item, "input"),)
+        inputs = (_as_array(item, "input"),)
     values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
-    first = next((v for v in values if v.dim()), values[0])
-    size = first.shape[0] if first.dim() else 1
+    first = next((v for v in values if v.ndim), values[0])
+    size = first.shape[0] if first.ndim else 1
     return Batch(inputs, labels, size)
 
 
-def _looks_like_labels(candidate: torch.Tensor, inputs: torch.Tensor) -> bool:
-    return (candidate.dim() == 1 and not candidate.is_floating_point() and inputs.dim() > 0
+def _looks_like_labels(candidate: Any, inputs: Any) -> bool:
+    return (candidate.ndim == 1 and not _is_floating(candidate) and inputs.ndim > 0
             and candidate.shape[0] == inputs.shape[0])
 
 
@@ -223,15 +239,15 @@ def from_object(data: Any, *, input_shape: Sequence[int] | None = None, tokenize
         if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
             return text_source(path, tokenizer, max_length)
         return from_path(path, input_shape=input_shape)
-    if isinstance(data, (torch.Tensor, np.ndarray)):
+    if is_tensor(data) or isinstance(data, np.ndarray):
         if data.ndim == 0:
             raise InputError("calibration data is a scalar; give a batch with the sample axis first")
         return DataSource("in-memory array", False, int(data.shape[0]), arrays=(data,))
     if isinstance(data, Mapping):
         return _from_mapping(dict(data), "in-memory mapping")
-    if isinstance(data, tuple) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data):
+    if isinstance(data, tuple) and data and all(is_tensor(v) or isinstance(v, np.ndarray) for v in data):
         # A tuple is one dataset ((x, y) or several inputs); a list is a sequence of batches.
-        return _from_torch_object(tuple(torch.as_tensor(v) for v in data), "in-memory tuple")
+        return _from_tensors(data, "in-memory tuple")
     if isinstance(data, Iterable):
         return DataSource("iterable of batches", False, None, iterable=data)
     raise UsageError(f"data must be a path, an array, a tensor or an iterable of batches, not {type(data).__name__}")
@@ -254,6 +270,8 @@ def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSo
         if head.startswith(b"PK") and suffix == ".npz":
             return _from_mapping(_npz_members(path), str(path))
         if head.startswith(b"PK") or head[:1] == b"\x80":
+            import torch  # a torch.save file: only torch reads it
+
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
@@ -413,17 +431,21 @@ def _from_mapping(mapping: dict[str, Any], description: str) -> DataSource:
 
 
 def _from_torch_object(obj: Any, description: str) -> DataSource:
-    if isinstance(obj, torch.Tensor):
-        return _checked(DataSource(description, False, int(obj.shape[0]) if obj.dim() else 0, arrays=(obj,)))
+    if is_tensor(obj):
+        return _checked(DataSource(description, False, int(obj.shape[0]) if obj.ndim else 0, arrays=(obj,)))
     if isinstance(obj, Mapping):
         return _from_mapping(dict(obj), description)
-    if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        tensors = list(obj)
-        if len(tensors) == 2 and _looks_like_labels(tensors[1], tensors[0]):
-            return _from_mapping({"x": tensors[0], "y": tensors[1]}, description)
-        return _checked(DataSource(description, False, int(tensors[0].shape[0]) if tensors[0].dim() else 0,
-                                   arrays=tuple(tensors)))
+    if isinstance(obj, (tuple, list)) and obj and all(is_tensor(t) for t in obj):
+        return _from_tensors(tuple(obj), description)
     raise InputError(f"{description} holds a {type(obj).__name__}; expected a tensor, a tuple or a dict of tensors")
+
+
+def _from_tensors(tensors: tuple[Any, ...], description: str) -> DataSource:
+    """A tuple of tensors or arrays: (inputs, labels), or several inputs."""
+    if len(tensors) == 2 and _looks_like_labels(tensors[1], tensors[0]):
+        return _from_mapping({"x": tensors[0], "y": tensors[1]}, description)
+    return _checked(DataSource(description, False, int(tensors[0].shape[0]) if tensors[0].ndim else 0,
+                               arrays=tuple(tensors)))
 
 
 def image_folder(path: Path, input_shape: Sequence[int] | None) -> DataSource:
@@ -486,11 +508,15 @@ class _SyntheticStack:
         self.shape = (samples, *shape)
         self.ndim = len(self.shape)
 
-    def _chunk(self, index: int) -> torch.Tensor:
+    def _chunk(self, index: int) -> Any:
+        import torch  # the same numbers as every earlier release: drawn with torch's generator
+
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return torch.randn((self.CHUNK, *self.sample_shape), generator=generator)
 
-    def __getitem__(self, index: slice) -> torch.Tensor:
+    def __getitem__(self, index: slice) -> Any:
+        import torch
+
         start, stop, _ = index.indices(self.shape[0])
         if stop <= start:
             return torch.empty((0, *self.sample_shape))
@@ -509,7 +535,7 @@ def with_token_mask(batch: Batch) -> Batch:
     """A batch of token ids given as arrays (.npz, a dict) carries its `attention_mask` as the batch's mask."""
     if batch.mask is None and isinstance(batch.inputs, dict):
         mask = batch.inputs.get(TOKEN_MASK_KEY)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if mask is not None and mask.ndim == 2:
             batch.mask = mask != 0
     return batch
 

@@ -18,9 +18,12 @@ from reluscope.errors import InputError, ReluscopeError, UsageError
 
 
 def _collect(source: sources.DataSource, batch_size: int = 4, max_samples: int | None = None):
+    """Batches and their inputs and labels concatenated, as tensors (sources hand numpy data over as
+    numpy arrays, which the torch backend wraps; tensors given as data stay tensors)."""
     batches = list(source.batches(batch_size, max_samples))
-    xs = torch.cat([b.inputs[0] for b in batches]) if batches else torch.empty(0)
-    ys = torch.cat([b.labels for b in batches]) if batches and batches[0].labels is not None else None
+    xs = torch.cat([torch.as_tensor(b.inputs[0]) for b in batches]) if batches else torch.empty(0)
+    ys = torch.cat([torch.as_tensor(b.labels) for b in batches]) if batches and batches[0].labels is not None \
+        else None
     return batches, xs, ys
 
 
@@ -54,7 +57,7 @@ def test_npz(xkey: str, ykey: str, save, arrays, tmp_path: Path) -> None:
         np.testing.assert_array_equal(xs.numpy(), x)
         np.testing.assert_array_equal(ys.numpy(), y)
     shard = list(source.batches(3, owns=lambda index: index % 2 == 1))  # a torchrun rank's batches
-    np.testing.assert_array_equal(torch.cat([b.inputs[0] for b in shard]).numpy(), np.concatenate([x[3:6], x[9:]]))
+    np.testing.assert_array_equal(np.concatenate([b.inputs[0] for b in shard]), np.concatenate([x[3:6], x[9:]]))
 
 
 def test_npz_fortran_order_and_big_endian(arrays, tmp_path: Path) -> None:

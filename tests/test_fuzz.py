@@ -92,7 +92,7 @@ def test_arrays_are_batched_exactly_or_refused(dtype: np.dtype, shape: tuple[int
     batches = collect(source, batch_size, max_samples)
     assert sum(b.size for b in batches) == wanted
     if batches:
-        got = torch.cat([b.inputs[0] for b in batches])
+        got = torch.cat([torch.as_tensor(b.inputs[0]) for b in batches])
         want = expected_tensor(array[:wanted])
         assert got.dtype == want.dtype and torch.equal(got.nan_to_num(), want.nan_to_num())
         assert torch.equal(got.isnan(), want.isnan())
@@ -133,10 +133,10 @@ def test_files_give_back_their_samples_or_a_clean_error(tmp_path_factory: pytest
         return
     assert not bad_labels and samples > 0
     batches = collect(source, batch_size, None)
-    got = torch.cat([b.inputs[0] for b in batches])
+    got = torch.cat([torch.as_tensor(b.inputs[0]) for b in batches])
     assert torch.equal(got, expected_tensor(x))
     if y is not None:
-        assert torch.equal(torch.cat([b.labels for b in batches]), torch.as_tensor(y))
+        assert torch.equal(torch.cat([torch.as_tensor(b.labels) for b in batches]), torch.as_tensor(y))
 
 
 @bounded(60)
@@ -159,9 +159,9 @@ def test_iterables_of_batches_stream_in_order(sizes: list[int], with_labels: boo
     wanted = total if max_samples is None else min(total, max_samples)
     assert sum(b.size for b in batches) == wanted
     if wanted:
-        assert torch.equal(torch.cat([b.inputs[0] for b in batches]), x[:wanted])
+        assert torch.equal(torch.cat([torch.as_tensor(b.inputs[0]) for b in batches]), x[:wanted])
         if with_labels:
-            assert torch.equal(torch.cat([b.labels for b in batches]), y[:wanted])
+            assert torch.equal(torch.cat([torch.as_tensor(b.labels) for b in batches]), y[:wanted])
 
 
 # ---------------------------------------------------------------------------------------------- report building

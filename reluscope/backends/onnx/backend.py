@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...errors import UsageError
 from ...measure.recorder import SiteRecorder
 from ...run import Run
 from ..base import Backend, Measurement
@@ -13,17 +14,19 @@ GRADIENTS_UNAVAILABLE = ("gradient flow needs the PyTorch model: ONNX graphs are
                          "has no backward pass; analyse the .pt/.pt2/TorchScript file with --gradients")
 
 
-def resolve_device(requested: str) -> Any:
-    """auto for ONNX: CUDA only when onnxruntime itself has its CUDA provider (onnxruntime-gpu)."""
-    if requested.lower() == "auto":
-        import onnxruntime
-        import torch
+def resolve_device(requested: str) -> str:
+    """Where onnxruntime runs: CUDA only through its own CUDA provider (onnxruntime-gpu), which `auto`
+    takes when installed. Asked for and absent, CUDA is a usage error (exit 2)."""
+    import onnxruntime
 
-        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-        return torch.device("cuda" if has_cuda else "cpu")
-    from ..torch.devices import resolve_device as resolve_torch_device
-
-    return resolve_torch_device(requested)
+    requested = requested.lower()
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if requested.startswith("cuda") and not has_cuda:
+        raise UsageError(f"--device {requested}: no CUDA GPU is available to onnxruntime here (it needs the "
+                         "onnxruntime-gpu package and a GPU); use --device cpu or auto")
+    return requested
 
 
 class OnnxBackend(Backend):

@@ -29,18 +29,17 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import InputError, UsageError, first_line
 from ...measure.recorder import SiteRecorder
 from ...measure.sites import resolve_unit_axis
+from ...data import is_tensor
 from ...measure.stats import SiteStats
 from ..base import Session
 from .graph import _NEVER_RAN, OnnxSite, default_opset, find_sites, inline_functions, true_inputs
 
-# ORT_ENABLE_ALL: what deployed sessions run, and the fastest level measured here (its NCHWc
-# convolutions ran a ResNet-style CNN ~1.8x faster than ORT_DISABLE_ALL or ORT_ENABLE_BASIC).
+# ORT_ENABLE_ALL: what deployed sessions run, and the fastest level (benchmarks/README.md).
 # No optimization can hide a site: each site tensor is a graph output, which onnxruntime must produce.
 OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf serializes no message past 2 GiB: bigger models keep weights in side files
@@ -211,7 +210,10 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    """A batch's array as onnxruntime takes it; a torch tensor (given through the API) is copied to the host."""
+    if is_tensor(value):
+        import torch
+
         value = value.detach().cpu()
         return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     return np.asarray(value)
@@ -248,8 +250,7 @@ class OnnxCapture(Session):
         options.graph_optimization_level = OPTIMIZATION
         options.log_severity_level = 4  # failures come back as exceptions; stderr stays ours
         # Idle onnxruntime threads spin for a while after each run and starve the torch/numpy work that
-        # follows (a 2 ms SiteStats.update took 45 ms right after a run on 2 cores); without spinning the
-        # ResNet benchmark ran ~12% faster, small models ~0.2 ms slower per batch.
+        # follows (benchmarks/README.md has the figures).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._weights_folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -398,9 +399,11 @@ class OnnxCapture(Session):
             self.warnings.append(message)
 
 
-def _tensors(plan: _Plan, get: Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out = torch.from_numpy(get(plan.site.fetch))
-    inp = torch.from_numpy(get(plan.site.fetch_input)) if plan.site.activation.active_from_input else None
+def _tensors(plan: _Plan, get: Rows) -> tuple[np.ndarray, np.ndarray | None]:
+    """A site's output (and input, for PReLU) as onnxruntime returned them: numpy arrays, which the
+    recorder measures on the host with numpy."""
+    out = get(plan.site.fetch)
+    inp = get(plan.site.fetch_input) if plan.site.activation.active_from_input else None
     return out, inp
 
 

@@ -18,7 +18,7 @@ from ..base import Backend, LoadedModel, Measurement
 from .capture import TorchCapture
 from .session import TorchSession
 from .torchscript import ScriptCapture
-from .devices import prepared_module, resolve_device, to_device
+from .devices import as_tensor, prepared_module, resolve_device, to_device
 from .gradients import ParameterGradients, trainable
 from .inputs import _exported_inputs, input_caster
 from .routes import choose_reduction
@@ -113,8 +113,8 @@ class TorchBackend(Backend):
                 fixed = fixed_batch_size(module)
                 for batch in run.batches(owns=owns, ranks=world.size):
                     inputs = cast(to_device(batch.inputs, device))
-                    mask = None if batch.mask is None else batch.mask.to(device)
-                    for part, part_mask, labels, real in _fit_batch(inputs, mask, batch.labels, batch.size, fixed,
+                    mask, labels = as_tensor(batch.mask, device), as_tensor(batch.labels, device)
+                    for part, part_mask, labels, real in _fit_batch(inputs, mask, labels, batch.size, fixed,
                                                                     run, gradients):
                         with run.recorder.masked(part_mask, samples=real):
                             output = run.forward(session, part)

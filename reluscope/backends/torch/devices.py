@@ -78,8 +78,16 @@ def _restore_modes(module: Any, training: dict[Any, bool]) -> None:
         sub.training = flag
 
 
+def as_tensor(value: Any, device: Any) -> Any:
+    """A batch's array (numpy, wrapped without a copy) or tensor, on `device`; None stays None."""
+    if value is None:
+        return None
+    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+    return tensor.to(device, non_blocking=True)
+
+
 def to_device(inputs: Any, device: Any) -> Any:
     if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return tuple(v.to(device, non_blocking=True) for v in inputs)
+        return {k: as_tensor(v, device) for k, v in inputs.items()}
+    return tuple(as_tensor(v, device) for v in inputs)
 
