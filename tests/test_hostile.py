@@ -190,6 +190,15 @@ def _nothing(work: Path) -> None:
     pass
 
 
+def _write_digit_images(work: Path) -> None:
+    """A folder of 8x8 grayscale PNGs: the first calibration digits as 0..255 pixels."""
+    from PIL import Image
+
+    (work / "images").mkdir()
+    for i, digit in enumerate(_x()[:4, 0]):
+        Image.fromarray((digit * 255).round().astype(np.uint8), mode="L").save(work / "images" / f"{i}.png")
+
+
 @dataclass(frozen=True)
 class Case:
     setup: Callable[[Path], None]
@@ -242,6 +251,9 @@ CASES: dict[str, Case] = {
     "output-is-model": Case(_nothing),
     "junit-is-output": Case(_nothing),
     "output-symlink": Case(lambda w: os.symlink("old.json", w / "latest.json")),
+    "normalize-unknown": Case(_nothing),
+    "normalize-channels": Case(_write_digit_images),
+    "normalize-not-images": Case(_nothing),
 }
 
 
