@@ -110,8 +110,8 @@ def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
         if not array.flags.writeable:
             array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.dtype == torch.float64:
-        tensor = tensor.float()  # numpy's default is float64; models are float32
+    # float64 (numpy's default) stays float64 here: the backend casts to the dtype the model computes
+    # in, and says so in a warning (docs/errors.md); a float64 model keeps its precision.
     if tensor.dtype == torch.bool and not keep_int:
         tensor = tensor.float()
     return tensor
