@@ -6,25 +6,40 @@ BIN    := $(VENV)/bin
 # a local wheel folder) it takes that; a bare `torch` requirement would pull the newest CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup setup-dev demo test bench dist gpu-check clean
 
-$(BIN)/.installed: pyproject.toml
+# The runtime only (what `reluscope analyze` needs): enough for the demo.
+$(BIN)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# The runtime plus what the tests need (the dev extra: test tools and every optional extra).
+$(BIN)/.dev: $(BIN)/.runtime
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(BIN)/.runtime
+setup-dev: $(BIN)/.dev
 
 demo: setup
 	$(BIN)/reluscope analyze sample_models/digits_mlp_dead.pt --arch sample_models/architectures.py:digits_mlp --data sample_models/digits_calib.npz
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: setup-dev
 	$(BIN)/python benchmarks/overhead.py
+
+# sdist and wheel into dist/, checked by twine (build and twine live in their own venv)
+dist:
+	$(PYTHON) -m venv .venv-dist
+	.venv-dist/bin/python -m pip install --quiet build twine
+	rm -rf dist
+	.venv-dist/bin/python -m build --outdir dist .
+	.venv-dist/bin/twine check --strict dist/*
 
 # On a machine with a CUDA GPU and its own PyTorch/Triton/torchvision (no venv, nothing fetched):
 # the CUDA tests and the CUDA benchmarks. See benchmarks/README.md.
@@ -40,4 +55,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/memory.py --device cuda --model resnet50 --batch-size 128 --size 224
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-dist dist build .pytest_cache .hypothesis

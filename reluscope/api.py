@@ -58,8 +58,10 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     started = time.perf_counter()
     backend = open_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
     source = data_sources.from_object(data, input_shape=config.input_shape, tokenizer=backend.loaded.tokenizer,
-                                      max_length=config.max_length)
+                                      max_length=config.max_length, normalize=config.normalize)
     run = Run(config, source, progress)
+    run.warnings.extend(data_sources.normalize_warnings(source, config.normalize, backend.loaded.module))
+    run.keep_warnings()
     if on_start is not None:
         on_start(source.planned_samples(config.max_samples))
     measured = backend.measure(run)
@@ -78,7 +80,8 @@ def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: Prog
     return Report(
         tool={"name": "reluscope", "version": __version__},
         model=backend.describe(),
-        data={"source": source.description, "samples": run.samples, "synthetic": source.synthetic},
+        data={"source": source.description, "samples": run.samples, "synthetic": source.synthetic,
+              **({"normalize": source.normalize.to_dict()} if source.normalize is not None else {})},
         run={"backend": backend_run["backend"], "device": backend_run["device"],
              "processes": backend_run["processes"], "seconds": round(time.perf_counter() - started, 4),
              "rare_threshold": config.rare_threshold, "dormant_tau": config.dormant_tau,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError, first_line
+from .options import NO_NORMALIZE, Normalize, parse_normalize
 from .options import parse_shape  # noqa: F401 - part of this module's API (tests, callers)
 from .files import check_readable_file, unpickling_refused
 
@@ -63,6 +64,7 @@ class DataSource:
                                  "name (a 0-d array for a scalar input)")
         return replace(self, wanted=names)
     reader: Callable[[int, int], Batch] | None = None  # samples [start:stop] as one Batch (texts)
+    normalize: Normalize | None = None  # image folders: what was done to the 0..1 pixels
 
     def batches(self, batch_size: int, max_samples: int | None = None,
                 owns: Callable[[int], bool] | None = None) -> Iterator[Batch]:
@@ -137,14 +139,15 @@ def is_tensor(value: Any) -> bool:
 def _as_array(value: Any, what: str, keep_int: bool = False) -> Any:
     """Values as a batch holds them: a torch tensor stays a tensor; anything else becomes a C-contiguous
     numpy array of native byte order (the torch backend wraps it without a copy, and the ONNX backend
-    feeds it as it is, so numpy data never needs torch). float64 becomes float32 (numpy's default
-    is float64; models are float32), booleans 0.0/1.0 unless `keep_int` (labels)."""
+    feeds it as it is, so numpy data never needs torch). Booleans become 0.0/1.0 unless `keep_int`
+    (labels). float64 (numpy's default) stays float64: the backend casts to the dtype the model
+    computes in, and says so in a warning; a float64 model keeps its precision."""
     if is_tensor(value):
         import torch
 
         if value.is_complex():
             raise _wrong_dtype(what, value.dtype, "c")
-        if value.dtype == torch.float64 or value.dtype == torch.bool and not keep_int:
+        if value.dtype == torch.bool and not keep_int:
             value = value.float()
         return value
     array = np.asarray(value)
@@ -155,7 +158,7 @@ def _as_array(value: Any, what: str, keep_int: bool = False) -> Any:
     if not array.flags.writeable:
         array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
     array = np.require(array, requirements="C")  # 0-d stays 0-d (a scalar input)
-    if array.dtype == np.float64 or array.dtype == np.bool_ and not keep_int:
+    if array.dtype == np.bool_ and not keep_int:
         array = array.astype(np.float32)
     return array
 
@@ -229,16 +232,17 @@ def _truncate(batch: Batch, keep: int) -> Batch:
 
 # ---------------------------------------------------------------------------- sources
 def from_object(data: Any, *, input_shape: Sequence[int] | None = None, tokenizer: Any = None,
-                max_length: int = 128) -> DataSource:
+                max_length: int = 128, normalize: Any = None) -> DataSource:
     """The API's `data` argument: None (synthetic), a path, a tensor/array, or an iterable of batches.
-    `tokenizer` (the model's, see `text_source`) reads text files."""
+    `tokenizer` (the model's, see `text_source`) reads text files; `normalize` (see
+    options.parse_normalize) applies to folders of images only."""
     if data is None:
         return synthetic(input_shape)
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
             return text_source(path, tokenizer, max_length)
-        return from_path(path, input_shape=input_shape)
+        return from_path(path, input_shape=input_shape, normalize=normalize)
     if is_tensor(data) or isinstance(data, np.ndarray):
         if data.ndim == 0:
             raise InputError("calibration data is a scalar; give a batch with the sample axis first")
@@ -253,11 +257,11 @@ def from_object(data: Any, *, input_shape: Sequence[int] | None = None, tokenize
     raise UsageError(f"data must be a path, an array, a tensor or an iterable of batches, not {type(data).__name__}")
 
 
-def from_path(path: Path, *, input_shape: Sequence[int] | None = None) -> DataSource:
+def from_path(path: Path, *, input_shape: Sequence[int] | None = None, normalize: Any = None) -> DataSource:
     # missing, a symlink loop, a FIFO (open() would block), a device, empty: one clear line each
     check_readable_file(path, "calibration data", folder_ok=True)
     if path.is_dir():
-        return image_folder(path, input_shape)
+        return image_folder(path, input_shape, normalize)
     suffix = path.suffix.lower()
     with path.open("rb") as handle:
         head = handle.read(6)
@@ -448,7 +452,9 @@ def _from_tensors(tensors: tuple[Any, ...], description: str) -> DataSource:
                                arrays=tuple(tensors)))
 
 
-def image_folder(path: Path, input_shape: Sequence[int] | None) -> DataSource:
+def image_folder(path: Path, input_shape: Sequence[int] | None, normalize: Any = None) -> DataSource:
+    """Every image under `path` (sorted by path), converted to `C` channels (1: grayscale, 3: RGB),
+    resized to HxW, scaled to 0..1 (divided by 255) and then normalised: (x - mean) / std per channel."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -457,16 +463,35 @@ def image_folder(path: Path, input_shape: Sequence[int] | None) -> DataSource:
     channels, height, width = input_shape
     if channels not in (1, 3):
         raise UsageError(f"--input-shape for images needs 1 or 3 channels, not {channels}")
-    return DataSource(str(path), False, len(files), arrays=(_ImageStack(files, channels, height, width),))
+    norm = parse_normalize(normalize)
+    if len(norm.mean) not in (0, 1, channels):
+        given = "ImageNet's mean and std are per RGB channel" if norm.method == "imagenet" else \
+            f"it gives {len(norm.mean)} means and stds"
+        raise UsageError(f"--normalize {_normalize_text(norm)}: {given}, but the images are read with {channels} "
+                         f"channel{'s' if channels > 1 else ''} (--input-shape); give one MEAN,STD pair or one per "
+                         "channel")
+    if len(norm.mean) == 1:  # one pair for every channel: recorded per channel
+        norm = Normalize(norm.method, norm.mean * channels, norm.std * channels)
+    return DataSource(str(path), False, len(files), arrays=(_ImageStack(files, channels, height, width, norm),),
+                      normalize=norm)
+
+
+def _normalize_text(norm: Normalize) -> str:
+    return norm.method if norm.method != "custom" else ",".join(f"{v:g}" for v in norm.mean + norm.std)
 
 
 class _ImageStack:
     """Decodes images on slicing, so a folder streams batch by batch."""
 
-    def __init__(self, files: list[Path], channels: int, height: int, width: int) -> None:
+    def __init__(self, files: list[Path], channels: int, height: int, width: int,
+                 normalize: Normalize = NO_NORMALIZE) -> None:
         self.files, self.channels, self.height, self.width = files, channels, height, width
         self.shape = (len(files), channels, height, width)
         self.ndim = 4
+        self.mean = self.std = None
+        if normalize.mean:  # per channel, broadcast over (C, H, W)
+            self.mean = np.broadcast_to(np.asarray(normalize.mean, np.float32), (channels,))[:, None, None]
+            self.std = np.broadcast_to(np.asarray(normalize.std, np.float32), (channels,))[:, None, None]
 
     def __getitem__(self, index: slice) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -483,8 +508,84 @@ class _ImageStack:
                                  "it") from exc
             except (UnidentifiedImageError, OSError) as exc:
                 raise InputError(f"cannot decode image {file}: {exc}") from exc
-            out.append(array[None] if self.channels == 1 else array.transpose(2, 0, 1))
+            array = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
+            if self.mean is not None:
+                array = (array - self.mean) / self.std
+            out.append(array)
         return np.stack(out)
+
+
+# How many images the standardisation check reads (decoded again when their batch comes).
+_HINT_IMAGES = 32
+
+
+def normalize_warnings(source: DataSource, requested: Any, module: Any) -> list[str]:
+    """Warnings about --normalize before the analysis: it was asked for data that is not a folder of
+    images (which is fed as stored), or un-normalised pixels meet a model whose first layer looks
+    trained on standardised inputs (see `_looks_standardised`)."""
+    requested = parse_normalize(requested)
+    if source.normalize is None:
+        if requested.method == "none":
+            return []
+        return [f"--normalize {_normalize_text(requested)} applies to folders of images only; "
+                f"{source.description} is fed as stored"]
+    if source.normalize.method != "none" or not source.samples:
+        return []
+    try:
+        pixels = np.asarray(source.arrays[0][:_HINT_IMAGES])  # type: ignore[index]
+        verdict = _looks_standardised(module, pixels.mean(axis=(0, 2, 3), dtype=np.float64))
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - a hint must never stop an analysis
+        return []
+    if verdict is None:
+        return []
+    return [f"the images are fed as 0..1 pixels (--normalize none), but the model's first layer ({verdict}) "
+            "looks trained on standardised inputs; pass --normalize imagenet or MEAN,STD as in its training"]
+
+
+def _looks_standardised(module: Any, pixel_mean: np.ndarray) -> str | None:
+    """The name of the first convolution when its BatchNorm's running mean says the model was trained
+    on standardised inputs (mean about 0 per channel) rather than on pixels like these; else None.
+
+    The first conv's output mean over the training inputs is bias + sum(W * E[x]) per output channel,
+    and the BatchNorm right after it kept that mean (running_mean). Two guesses for E[x]: 0
+    (standardised training inputs) and the mean of these images (0..1 pixels), each giving a
+    residual per channel in units of the running std. The warning needs the first guess to fit
+    clearly better (a quarter of the second's sum of squared residuals) and the guesses to lie apart
+    (these pixels move the conv outputs by a quarter of a std or more, root mean square over the
+    channels; filters without a brightness component, such as edge detectors, cannot tell). Only
+    PyTorch models whose first 4-D weight is followed by a BatchNorm (running statistics in the
+    state_dict) are judged: weights only, nothing runs."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    state = module.state_dict()
+    conv_key = next((k for k, v in state.items() if k.endswith("weight") and v.dim() == 4), None)
+    if conv_key is None:
+        return None
+    weight = state[conv_key].detach().double().cpu()
+    out_channels, in_channels = weight.shape[:2]
+    if in_channels != len(pixel_mean):
+        return None
+    prefix = conv_key[: -len("weight")]
+    bias = state.get(prefix + "bias")
+    bias = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().double().cpu()
+    bn_key = next((k for k in state if k.endswith("running_mean")), None)
+    if bn_key is None or list(state).index(bn_key) < list(state).index(conv_key):
+        return None
+    running_mean = state[bn_key].detach().double().cpu()
+    running_var = state.get(bn_key[: -len("running_mean")] + "running_var")
+    if running_var is None or running_mean.shape != (out_channels,) or bias.shape != (out_channels,):
+        return None
+    scale = running_var.detach().double().cpu().clamp_min(1e-12).sqrt()
+    shift = (weight.sum(dim=(2, 3)) @ torch.from_numpy(np.asarray(pixel_mean, np.float64))) / scale
+    if_standardised = ((running_mean - bias) / scale).square().sum().item()
+    if_pixels = ((running_mean - bias) / scale - shift).square().sum().item()
+    if shift.square().mean().item() >= 0.25 ** 2 and if_standardised <= 0.25 * if_pixels:
+        return conv_key[: -len(".weight")] or "conv"
+    return None
 
 
 def synthetic(input_shape: Sequence[int] | None, samples: int = SYNTHETIC_SAMPLES, seed: int = 0) -> DataSource:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from .errors import UsageError
 
@@ -128,6 +128,74 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+# ImageNet's per-channel (R, G, B) mean and standard deviation of 0..1 pixels, as torchvision's
+# pretrained models expect them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZE_HELP = ("How image-folder pixels (0..1 after dividing by 255) are normalised: none, imagenet "
+                  "(mean 0.485,0.456,0.406, std 0.229,0.224,0.225) or MEAN,STD (one pair for every channel, "
+                  "or C means then C stds). Use what the model was trained with.")
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """What is done to image-folder pixels after scaling them to 0..1: (x - mean) / std per channel.
+    `mean`/`std` hold one value (every channel) or one per channel; empty for `none`."""
+
+    method: str  # "none", "imagenet" or "custom"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's `data.normalize`."""
+        if self.method == "none":
+            return {"method": "none"}
+        return {"method": self.method, "mean": list(self.mean), "std": list(self.std)}
+
+
+NO_NORMALIZE = Normalize("none")
+
+
+def parse_normalize(value: Any) -> Normalize:
+    """`none`, `imagenet`, `MEAN,STD` or `M1,...,MC,S1,...,SC` (text, from the command line or a
+    config file); the API also takes a `Normalize` or a (mean, std) pair of numbers or sequences."""
+    import math
+
+    if value is None:
+        return NO_NORMALIZE
+    if isinstance(value, Normalize):
+        return value
+    what = f"--normalize {value!r}"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "none":
+            return NO_NORMALIZE
+        if text == "imagenet":
+            return Normalize("imagenet", IMAGENET_MEAN, IMAGENET_STD)
+        try:
+            numbers = [float(part) for part in text.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) < 2 or len(numbers) % 2:
+            raise UsageError(f"{what} must be none, imagenet, MEAN,STD or C means then C stds "
+                             "(e.g. 0.5,0.5 or 0.485,0.456,0.406,0.229,0.224,0.225)")
+        half = len(numbers) // 2
+        mean, std = tuple(numbers[:half]), tuple(numbers[half:])
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        try:
+            mean, std = (tuple(float(v) for v in (part if isinstance(part, (tuple, list)) else (part,)))
+                         for part in value)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"normalize={value!r} must be a (mean, std) pair of numbers or sequences") from exc
+        if len(mean) != len(std) or not mean:
+            raise UsageError(f"normalize={value!r}: give as many means as standard deviations")
+    else:
+        raise UsageError(f"normalize={value!r} must be 'none', 'imagenet', 'MEAN,STD' or a (mean, std) pair")
+    if not all(math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
+        raise UsageError(f"{what}: means must be finite numbers and standard deviations positive")
+    return Normalize("custom", mean, std)
+
+
 def _shape_from_text(text: str | None) -> tuple[int, ...] | None:
     return parse_shape(text)
 
@@ -188,6 +256,8 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
     Option("input_shape", None, Optional[str], ("--input-shape",), "Per-sample input shape, e.g. 3,224,224: "
            "for synthetic data and for resizing image folders.", _shape,
            field_type=Optional[Tuple[int, ...]], from_cli=_shape_from_text, from_api=_shape_from_api),
+    Option("normalize", "none", str, ("--normalize",), NORMALIZE_HELP, _str, field_type=Union[str, Normalize],
+           from_cli=parse_normalize, from_api=parse_normalize, metavar="none|imagenet|MEAN,STD"),
     Option("batch_size", 64, int, ("--batch-size", "-b"), "Samples per forward pass.", _int),
     Option("max_samples", None, Optional[int], ("--max-samples", "-n"), "Analyse at most this many samples.",
            _int),

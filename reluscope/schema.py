@@ -155,7 +155,18 @@ def report_schema() -> dict[str, Any]:
             },
             "data": {
                 "type": "object", "required": ["source", "samples", "synthetic"],
-                "properties": {"source": _TEXT, "samples": _COUNT, "synthetic": {"type": "boolean"}},
+                "properties": {
+                    "source": _TEXT, "samples": _COUNT, "synthetic": {"type": "boolean"},
+                    "normalize": {
+                        "description": "Folders of images: pixels are divided by 255, then (x - mean) / std per "
+                                       "channel (--normalize); `none` leaves them at 0..1. `mean`/`std` hold "
+                                       "one value per channel.",
+                        "type": "object", "required": ["method"],
+                        "properties": {"method": {"enum": ["none", "imagenet", "custom"]},
+                                       "mean": {"type": "array", "items": _NUMBER, "minItems": 1},
+                                       "std": {"type": "array", "items": _NUMBER, "minItems": 1}},
+                    },
+                },
             },
             "run": {
                 "type": "object", "required": ["backend", "device", "seconds"],

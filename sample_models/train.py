@@ -1,14 +1,28 @@
 """Train the sample digits models and export them in every format reluscope reads.
 
 Run from anywhere: ``python sample_models/train.py``. All outputs are written
-next to this script; ``--checkpoints-only`` writes only the training run in run/. Training is deterministic (fixed seeds, deterministic
-algorithms, one thread), so re-running reproduces the same weights.
+next to this script; ``--checkpoints-only`` writes only the training run in run/.
+
+What is reproducible: training uses fixed seeds, deterministic algorithms and
+one thread, and the script runs itself with PYTHONHASHSEED=0 (TorchScript
+writes a module's constants in set order, which string hashing would shuffle
+per process). Re-running it on the same machine, with the same torch build, in
+the same checkout gives the same bytes in every file. Elsewhere:
+
+- the weights may differ in the last float32 bits (CPU kernels differ between
+  instruction sets and torch builds; the committed files differ from a re-run
+  here by up to 1e-5), while accuracies and dead-unit counts (manifest.json)
+  stay the same;
+- the ONNX, ``.pt2`` and TorchScript files record stack traces and source
+  ranges naming the absolute paths of ``architectures.py`` and of torch's own
+  modules, so a checkout or venv in another folder gives other bytes there.
 """
 
 import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -238,4 +252,7 @@ def main():
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":  # see the module docstring
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     main()

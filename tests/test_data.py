@@ -36,12 +36,12 @@ def arrays() -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- files
 def test_npy(arrays, tmp_path: Path) -> None:
     x, _ = arrays
-    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk, float32 for the model
+    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk: the backend casts it, with a warning
     source = sources.from_path(tmp_path / "x.npy")
     batches, xs, ys = _collect(source, 4)
     assert source.samples == 10 and not source.synthetic
     assert [b.size for b in batches] == [4, 4, 2]
-    assert xs.dtype == torch.float32 and ys is None
+    assert xs.dtype == torch.float64 and ys is None
     np.testing.assert_array_equal(xs.numpy(), x)
 
 
@@ -246,6 +246,79 @@ def test_image_folder_end_to_end(tmp_path: Path) -> None:
     report = reluscope.analyze(model, tmp_path / "imgs", input_shape=(3, 16, 16), batch_size=3)
     assert report.data["samples"] == 4
     assert report.layer("1")["shape"] == [4, 14, 14]
+
+
+@pytest.mark.parametrize(("normalize", "mean", "std"), [
+    ("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("0.5,0.25", (0.5,) * 3, (0.25,) * 3),
+    ("0.1,0.2,0.3,0.4,0.5,0.6", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)),
+    (((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)),  # the API's (mean, std) pair
+])
+def test_image_folder_normalize(tmp_path: Path, normalize, mean, std) -> None:
+    _write_images(tmp_path / "imgs", 3)
+    _, plain, _ = _collect(sources.from_path(tmp_path / "imgs", input_shape=(3, 10, 12)), 8)
+    source = sources.from_path(tmp_path / "imgs", input_shape=(3, 10, 12), normalize=normalize)
+    _, xs, _ = _collect(source, 2)
+    expected = (plain - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(xs, expected, atol=1e-6, rtol=1e-6)
+    assert source.normalize is not None and source.normalize.to_dict()["mean"] == list(mean)
+
+
+def test_image_folder_normalize_in_the_report_and_its_refusals(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    plain = reluscope.analyze(model, tmp_path / "imgs", input_shape=(3, 16, 16))
+    assert plain.data["normalize"] == {"method": "none"}
+    report = reluscope.analyze(model, tmp_path / "imgs", input_shape=(3, 16, 16), normalize="imagenet")
+    assert report.data["normalize"] == {"method": "imagenet", "mean": [0.485, 0.456, 0.406],
+                                        "std": [0.229, 0.224, 0.225]}
+    assert report.layers != plain.layers
+    # not images: fed as stored, with a warning, and no normalize in the data block
+    x = torch.rand(6, 3, 16, 16)
+    arrays = reluscope.analyze(model, x, normalize="imagenet")
+    assert "normalize" not in arrays.data
+    assert any("--normalize imagenet applies to folders of images only" in w for w in arrays.warnings)
+    assert arrays.layers == reluscope.analyze(model, x).layers
+    for bad, match in [("imagenet", "per RGB channel"), ("0.1,0.2,0.3,0.4", "2 means and stds")]:
+        with pytest.raises(UsageError, match=match):
+            sources.from_path(tmp_path / "imgs", input_shape=(1, 16, 16), normalize=bad)
+    for bad in ("imagenet1k", "0.5", "0.5,0", "0.5,-1", "nan,1", "a,b"):
+        with pytest.raises(UsageError, match="--normalize"):
+            reluscope.analyze(model, tmp_path / "imgs", input_shape=(3, 16, 16), normalize=bad)
+
+
+def _conv_bn(inputs: torch.Tensor) -> nn.Module:
+    """A first conv + BatchNorm whose running statistics come from `inputs` (train-mode forwards).
+    Half the filters see brightness (a mean component, as trained first layers have), half are
+    zero-sum (edge detectors, which cannot tell)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU())
+    model.train()
+    with torch.no_grad():
+        weight = torch.randn(8, 3, 3, 3) * 0.1
+        weight[:4] += 0.1
+        weight[4:] -= weight[4:].mean(dim=(1, 2, 3), keepdim=True)
+        model[0].weight.copy_(weight)
+        for chunk in inputs.split(16):
+            model(chunk)
+    return model.eval()
+
+
+def test_warns_when_pixels_meet_a_model_trained_on_standardised_inputs(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", 40)
+    pixels = _collect(sources.from_path(tmp_path / "imgs", input_shape=(3, 16, 16)), 40)[1]
+    # trained on inputs standardised with the training set's own per-channel mean and std
+    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3))
+    standardised = (pixels - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    on_standardised, on_pixels = _conv_bn(standardised), _conv_bn(pixels)
+    warning = "looks trained on standardised inputs"
+    report = reluscope.analyze(on_standardised, tmp_path / "imgs", input_shape=(3, 16, 16))
+    assert sum(warning in w and "(0)" in w for w in report.warnings) == 1, report.warnings
+    as_trained = ",".join(f"{v:.6f}" for v in [*mean.tolist(), *std.tolist()])
+    for model, normalize in [(on_standardised, as_trained), (on_pixels, "none")]:
+        report = reluscope.analyze(model, tmp_path / "imgs", input_shape=(3, 16, 16), normalize=normalize)
+        assert not any(warning in w for w in report.warnings), (normalize, report.warnings)
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -291,6 +291,15 @@ def _write_fixed_batch_pt2(work: Path) -> None:
     torch.export.save(torch.export.export(model.eval(), (torch.zeros(4, 1, 8, 8),)), work / "fixed4.pt2")
 
 
+def _write_digit_images(work: Path) -> None:
+    """A folder of 8x8 grayscale PNGs: the first calibration digits as 0..255 pixels."""
+    from PIL import Image
+
+    (work / "images").mkdir()
+    for i, digit in enumerate(_x()[:4, 0]):
+        Image.fromarray((digit * 255).round().astype(np.uint8), mode="L").save(work / "images" / f"{i}.png")
+
+
 @dataclass(frozen=True)
 class Case:
     setup: Callable[[Path], None]
@@ -324,6 +333,7 @@ CASES: dict[str, Case] = {
     "complex-data": Case(_write_npz("complex.npz", x=np.zeros((10, 1, 8, 8), np.complex64))),
     "object-data": Case(_write_objects),
     "integer-data": Case(_write_npz("pixels.npz", x=lambda: (_x() * 16).astype(np.uint8))),
+    "float64-data": Case(_write_npz("f64.npz", x=lambda: _x().astype(np.float64))),
     "empty-data": Case(_write_npz("empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))),
     "labels-mismatch": Case(_write_npz("labels.npz", x=_x, y=np.zeros(7, np.int64))),
     "labels-out-of-range": Case(_write_npz("labels.npz", x=_x, y=np.arange(10, 20))),
@@ -359,6 +369,9 @@ CASES: dict[str, Case] = {
     "checkpoint-mismatch": Case(_write_mismatched_checkpoint),
     "pickled-main": Case(_write_main_pickle),
     "pt2-fixed-batch-gradients": Case(_write_fixed_batch_pt2),
+    "normalize-unknown": Case(_nothing),
+    "normalize-channels": Case(_write_digit_images),
+    "normalize-not-images": Case(_nothing),
 }
 
 
@@ -650,6 +663,16 @@ def test_integer_inputs_are_cast_for_float_models() -> None:
     assert sum("calibration input is uint8, the model computes in float32: cast" in w for w in report.warnings) == 1
     half = reluscope.analyze(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).double(), torch.ones(3, 4))
     assert any("calibration input is float32, the model computes in float64: cast" in w for w in half.warnings)
+    # float64 (numpy's default) for a float32 model is cast with a warning, as docs/errors.md says ...
+    wide = reluscope.analyze(model, pixels.double().numpy())
+    assert wide.layers == expected.layers
+    assert sum("calibration input is float64, the model computes in float32: cast" in w for w in wide.warnings) == 1
+    # ... and a float64 model gets float64 data as it is (it was rounded to float32 and cast back)
+    seen: list[torch.dtype] = []
+    double = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).double()
+    double[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    report = reluscope.analyze(double, np.ones((3, 4)))
+    assert not report.warnings and seen == [torch.float64]
 
 
 def test_token_ids_stay_integers_for_embedding_models() -> None:

@@ -68,6 +68,7 @@ def _uses(project: Path) -> dict[str, tuple[list[str], str | None]]:
         "data": (["--data", str(project / "calib.npz")], 'data = "calib.npz"'),
         "arch": (["--arch", f"{project / 'arch.py'}:digits_mlp"], 'arch = "arch.py:digits_mlp"'),
         "input_shape": (["--input-shape", "64"], "input-shape = [64]"),
+        "normalize": (["--normalize", "0.5,0.25"], 'normalize = "0.5,0.25"'),
         "batch_size": (["-b", "32"], "batch-size = 32"),
         "max_samples": (["-n", "100"], "max-samples = 100"),
         "max_length": (["--max-length", "64"], "max-length = 64"),
@@ -142,6 +143,7 @@ def test_every_option_set_on_the_command_line_or_in_a_config_file_gives_the_same
                             "stats_kernel": "torch"} == report["run"]
     assert report["gradient_flow"] and "percentiles" in json.dumps(report["layers"])
     assert [g["rule"] for g in report["gates"]] == ["dead_fraction>0.99"]
+    assert any("--normalize 0.5,0.25 applies to folders of images only" in w for w in report["warnings"])
 
 
 def test_trust_checkpoint_in_a_config_file_is_refused_saying_why(project: Path) -> None:
@@ -204,7 +206,8 @@ def test_api_accepts_every_declared_keyword_and_refuses_others() -> None:
     x = torch.randn(40, 6)
     values = {"arch": None, "input_shape": [6], "batch_size": 16, "max_samples": 30, "max_length": 64, "device": "cpu",
               "unit_axis": -1, "rare_threshold": 0.2, "dormant_tau": 0.1, "gradients": True,
-              "loss": "half-squared-norm", "percentiles": True, "stats_kernel": "torch", "trust_checkpoint": True}
+              "loss": "half-squared-norm", "percentiles": True, "stats_kernel": "torch", "trust_checkpoint": True,
+              "normalize": "imagenet"}
     assert set(values) == {o.name for o in ANALYSIS_OPTIONS}
     report = reluscope.analyze(model, x, **values).to_dict()
     assert report["data"]["samples"] == 30
@@ -213,6 +216,8 @@ def test_api_accepts_every_declared_keyword_and_refuses_others() -> None:
     assert report["gradient_flow"] and "percentiles" in report["layers"][0]
     config = AnalyzeConfig.from_keywords(values)
     assert config.input_shape == (6,) and config.trust_checkpoint is True
+    assert config.normalize.method == "imagenet" and config.normalize.std == (0.229, 0.224, 0.225)
+    assert any("--normalize imagenet applies to folders of images only" in w for w in report["warnings"])
     for wrong in ("batchsize", "fail_on", "output_format", "junit"):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{wrong}'.*Known options: arch"):
             reluscope.analyze(model, x, **{wrong: 1})
