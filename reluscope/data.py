@@ -141,8 +141,8 @@ def _to_tensor(value: Any, what: str, keep_int: bool = False) -> torch.Tensor:
         if not array.flags.writeable:
             array = array.copy()  # memory-mapped .npy: a model writing to its input must not hit read-only pages
         tensor = torch.from_numpy(np.require(array, requirements="C"))  # 0-d stays 0-d (a scalar input)
-    if tensor.dtype == torch.float64:
-        tensor = tensor.float()  # numpy's default is float64; models are float32
+    # float64 (numpy's default) stays float64: the backend casts to the model's own dtype (a float64 model
+    # gets 1e300 as it is) and warns when a value is beyond the range of the dtype it casts to
     if tensor.dtype == torch.bool and not keep_int:
         tensor = tensor.float()
     return tensor
@@ -310,6 +310,11 @@ def _check_npy_header(handle: Any, size: int, what: str) -> tuple[tuple[int, ...
     return tuple(shape), fortran_order, dtype
 
 
+# A member that cannot be read a row range at a time (Fortran order, 0-d) is read whole up to this size:
+# np.load's behaviour for the small column-major arrays pandas and transposes produce.
+WHOLE_MEMBER_LIMIT = 256_000_000
+
+
 class NpzMember:
     """One array inside an .npz archive, read a slice of rows at a time.
 
@@ -327,6 +332,13 @@ class NpzMember:
         self._offset = self._member.tell()
         self._whole = None
         if fortran_order or not self.shape:  # column-major rows are not contiguous: read whole, as np.load would
+            size = math.prod(self.shape) * self.dtype.itemsize
+            if size > WHOLE_MEMBER_LIMIT:  # a few MB of zip may inflate to many GB: refuse before reading
+                kind = ("is stored in Fortran (column-major) order, so its rows are not contiguous and it would be "
+                        "read whole" if self.shape else "is a single (0-d) value")
+                raise InputError(f"calibration data {what} {kind}: {_human_bytes(size)}, more than reluscope reads "
+                                 f"at once ({_human_bytes(WHOLE_MEMBER_LIMIT)}); save it in C (row-major) order, "
+                                 "e.g. np.savez(path, x=np.ascontiguousarray(x))")
             self._member.seek(0)
             self._whole = npy_format.read_array(self._member, allow_pickle=False)
 
@@ -435,6 +447,13 @@ def image_folder(path: Path, input_shape: Sequence[int] | None) -> DataSource:
     channels, height, width = input_shape
     if channels not in (1, 3):
         raise UsageError(f"--input-shape for images needs 1 or 3 channels, not {channels}")
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb bound (None: switched off by the caller)
+    if limit is not None and height * width > limit:  # before any image is decoded or any batch allocated
+        raise UsageError(f"--input-shape {channels},{height},{width} resizes every image to {height * width:,} "
+                         f"pixels, more than Pillow decodes ({limit:,}: its guard against decompression bombs); "
+                         "give the model's input size, e.g. 3,224,224")
     return DataSource(str(path), False, len(files), arrays=(_ImageStack(files, channels, height, width),))
 
 
@@ -449,8 +468,11 @@ class _ImageStack:
     def __getitem__(self, index: slice) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        out = []
-        for file in self.files[index]:
+        files = self.files[index]
+        shape = (len(files), self.channels, self.height, self.width)
+        _check_batch_memory(math.prod(shape) * 4, f"a batch of {len(files)} images of {','.join(map(str, shape[1:]))}")
+        out = np.empty(shape, dtype=np.float32)
+        for row, file in enumerate(files):
             try:
                 with Image.open(file) as image:
                     image = image.convert("L" if self.channels == 1 else "RGB").resize((self.width, self.height))
@@ -461,8 +483,29 @@ class _ImageStack:
                                  "it") from exc
             except (UnidentifiedImageError, OSError) as exc:
                 raise InputError(f"cannot decode image {file}: {exc}") from exc
-            out.append(array[None] if self.channels == 1 else array.transpose(2, 0, 1))
-        return np.stack(out)
+            out[row] = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
+        return out
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_batch_memory(needed: int, what: str) -> None:
+    """Refuse a batch that cannot fit in the memory available, before filling it: pages filled one by one
+    would otherwise end with the kernel killing the process (no message, no exit code of ours)."""
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise InputError(f"{what} needs {_human_bytes(needed)} as float32, more than the {_human_bytes(available)} of "
+                         "memory available; pass a smaller --batch-size or --input-shape")
 
 
 def synthetic(input_shape: Sequence[int] | None, samples: int = SYNTHETIC_SAMPLES, seed: int = 0) -> DataSource:

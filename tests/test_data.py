@@ -33,12 +33,12 @@ def arrays() -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- files
 def test_npy(arrays, tmp_path: Path) -> None:
     x, _ = arrays
-    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk, float32 for the model
+    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk stays float64: the backend casts it to the model's dtype
     source = sources.from_path(tmp_path / "x.npy")
     batches, xs, ys = _collect(source, 4)
     assert source.samples == 10 and not source.synthetic
     assert [b.size for b in batches] == [4, 4, 2]
-    assert xs.dtype == torch.float32 and ys is None
+    assert xs.dtype == torch.float64 and ys is None
     np.testing.assert_array_equal(xs.numpy(), x)
 
 

@@ -40,6 +40,7 @@ from reluscope.errors import InputError, ModelRunError, UnsafeCheckpointError
 
 from conftest import ARCHITECTURES, CALIB, REPO, SAMPLES, global_hook_state, module_hook_state
 from test_outputs_hostile import EXTRA_CASES
+from test_resources import RESOURCE_CASES
 from test_untrusted import (pt2_calling, pt2_with_aotinductor, pt2_with_guard_code, pt2_with_uppercase_opaque,
                             pt2_writing_a_file, torchscript_with_setstate)
 
@@ -346,6 +347,8 @@ CASES: dict[str, Case] = {
     "onnx-missing-input": Case(_write_two_input_onnx),
     # names, writes, hung models, exit 3 -> exit 2, config files: built in test_outputs_hostile.py
     **{name: Case(setup, subprocess=real) for name, (setup, real) in EXTRA_CASES.items()},
+    # sizes checked before allocating, casts that lose range: built in test_resources.py
+    **{name: Case(setup, subprocess=real) for name, (setup, real) in RESOURCE_CASES.items()},
     "hf-no-transformers": Case(_write_fake_transformers, subprocess=True),
     "hf-no-weights": Case(_write_hf_without_weights),
     "hf-no-tokenizer": Case(lambda w: _hf_folder(w, tokenizer=False) and None),
