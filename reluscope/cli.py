@@ -31,7 +31,39 @@ from rich.text import Text
 from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
 from .options import ANALYZE_OPTIONS, CONFIG_HELP, Option, OutputFormat
 
+def _fold_help_words() -> None:
+    """Help at 80 columns (a CI log): Rich cuts a word wider than its column to "…"; typer's help
+    texts are made to fold it onto the next line instead (once, when help is first formatted)."""
+    from typer import rich_utils
+
+    make = getattr(rich_utils, "_make_rich_text", None)
+    if make is None or getattr(make, "folds", False):
+        return
+
+    def folded(*args: Any, **kwargs: Any) -> Any:
+        text = make(*args, **kwargs)
+        if isinstance(text, Text):
+            text.overflow = "fold"
+        return text
+
+    folded.folds = True  # type: ignore[attr-defined]
+    rich_utils._make_rich_text = folded
+
+
+class _Command(typer.core.TyperCommand):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _fold_help_words()
+        return super().format_help(ctx, formatter)
+
+
+class _Group(typer.core.TyperGroup):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _fold_help_words()
+        return super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="reluscope",
     help="Is this trained network healthy? Dead, sparse and saturated ReLU-family units, output ranges and "
     "gradient flow, for PyTorch and ONNX models.",
@@ -181,7 +213,7 @@ def _declared_options(options: tuple[Option, ...]) -> Callable[[Callable[..., No
     return declare
 
 
-@app.command()
+@app.command(cls=_Command)
 @_declared_options(ANALYZE_OPTIONS)
 def analyze(
     ctx: typer.Context,
@@ -254,7 +286,7 @@ def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bo
         return in_worker(lambda: run_analysis(model, data, config, progress=advance, on_start=on_start), timeout)
 
 
-@app.command("diff")
+@app.command("diff", cls=_Command)
 def diff_command(
     ctx: typer.Context,
     base: Path = typer.Argument(..., metavar="BASE.json", help="The reference report (reluscope analyze -f json)."),
@@ -303,7 +335,7 @@ def diff_command(
     run_guarded(body, debug)
 
 
-@app.command("schema")
+@app.command("schema", cls=_Command)
 def schema_command(
     diff: bool = typer.Option(False, "--diff", help="The schema of `reluscope diff -f json` instead."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it to FILE (atomically)."),
@@ -355,13 +387,13 @@ def _render_html(reports: list[dict[str, Any]], title: Optional[str] = None,
     return render_html(reports, title=title, labels=labels)
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_command(
     reports: List[Path] = typer.Argument(..., metavar="REPORT.json...", help="Reports written by `reluscope "
                                          "analyze -f json`. Several are read as a sequence, in the order given: "
                                          "checkpoints of one training run, or base then candidate."),
     html: Path = typer.Option(..., "--html", metavar="FILE", help="Write one self-contained HTML page "
-                              "(opens offline). Needs the extra: pip install \"reluscope[html]\"."),
+                              "(opens offline). Needs the extra: pip install \"reluscope\\[html]\"."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title (default: from the model files)."),
     label: Optional[List[str]] = typer.Option(None, "--label", metavar="NAME", help="Name of each report in the "
                                               "charts, once per report in order (default: the model file names)."),

@@ -332,6 +332,11 @@ def _check_npy_header(handle: Any, size: int, what: str) -> tuple[tuple[int, ...
     return tuple(shape), fortran_order, dtype
 
 
+# A member that cannot be read a row range at a time (Fortran order, 0-d) is read whole up to this size:
+# np.load's behaviour for the small column-major arrays pandas and transposes produce.
+WHOLE_MEMBER_LIMIT = 256_000_000
+
+
 class NpzMember:
     """One array inside an .npz archive, read a slice of rows at a time.
 
@@ -349,6 +354,13 @@ class NpzMember:
         self._offset = self._member.tell()
         self._whole = None
         if fortran_order or not self.shape:  # column-major rows are not contiguous: read whole, as np.load would
+            size = math.prod(self.shape) * self.dtype.itemsize
+            if size > WHOLE_MEMBER_LIMIT:  # a few MB of zip may inflate to many GB: refuse before reading
+                kind = ("is stored in Fortran (column-major) order, so its rows are not contiguous and it would be "
+                        "read whole" if self.shape else "is a single (0-d) value")
+                raise InputError(f"calibration data {what} {kind}: {_human_bytes(size)}, more than reluscope reads "
+                                 f"at once ({_human_bytes(WHOLE_MEMBER_LIMIT)}); save it in C (row-major) order, "
+                                 "e.g. np.savez(path, x=np.ascontiguousarray(x))")
             self._member.seek(0)
             self._whole = npy_format.read_array(self._member, allow_pickle=False)
 
@@ -463,6 +475,13 @@ def image_folder(path: Path, input_shape: Sequence[int] | None, normalize: Any =
     channels, height, width = input_shape
     if channels not in (1, 3):
         raise UsageError(f"--input-shape for images needs 1 or 3 channels, not {channels}")
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb bound (None: switched off by the caller)
+    if limit is not None and height * width > limit:  # before any image is decoded or any batch allocated
+        raise UsageError(f"--input-shape {channels},{height},{width} resizes every image to {height * width:,} "
+                         f"pixels, more than Pillow decodes ({limit:,}: its guard against decompression bombs); "
+                         "give the model's input size, e.g. 3,224,224")
     norm = parse_normalize(normalize)
     if len(norm.mean) not in (0, 1, channels):
         given = "ImageNet's mean and std are per RGB channel" if norm.method == "imagenet" else \
@@ -496,8 +515,11 @@ class _ImageStack:
     def __getitem__(self, index: slice) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        out = []
-        for file in self.files[index]:
+        files = self.files[index]
+        shape = (len(files), self.channels, self.height, self.width)
+        _check_batch_memory(math.prod(shape) * 4, f"a batch of {len(files)} images of {','.join(map(str, shape[1:]))}")
+        out = np.empty(shape, dtype=np.float32)
+        for row, file in enumerate(files):
             try:
                 with Image.open(file) as image:
                     image = image.convert("L" if self.channels == 1 else "RGB").resize((self.width, self.height))
@@ -508,11 +530,32 @@ class _ImageStack:
                                  "it") from exc
             except (UnidentifiedImageError, OSError) as exc:
                 raise InputError(f"cannot decode image {file}: {exc}") from exc
-            array = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
-            if self.mean is not None:
-                array = (array - self.mean) / self.std
-            out.append(array)
-        return np.stack(out)
+            out[row] = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
+        if self.mean is not None:
+            out -= self.mean
+            out /= self.std
+        return out
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_batch_memory(needed: int, what: str) -> None:
+    """Refuse a batch that cannot fit in the memory available, before filling it: pages filled one by one
+    would otherwise end with the kernel killing the process (no message, no exit code of ours)."""
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise InputError(f"{what} needs {_human_bytes(needed)} as float32, more than the {_human_bytes(available)} of "
+                         "memory available; pass a smaller --batch-size or --input-shape")
 
 
 # How many images the standardisation check reads (decoded again when their batch comes).

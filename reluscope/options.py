@@ -290,7 +290,7 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
            "model included) takes longer than SECONDS: for CI, against a model that never finishes. Ctrl-C "
            "stops any analysis within a second (exit 130).", None, analysis=False, metavar="SECONDS"),
     Option("html", None, Optional[Path], ("--html",), "Also write the report as one self-contained HTML page "
-           "(charts by depth, unit strips, gates; opens offline). Needs the extra: pip install \"reluscope[html]\".",
+           "(charts by depth, unit strips, gates; opens offline). Needs the extra: pip install \"reluscope\\[html]\".",
            None, analysis=False, metavar="FILE"),
     Option("no_bars", False, bool, ("--no-bars",), "No zero/dead share bars in the terminal table (they are "
            "only drawn on a terminal).", None, analysis=False),

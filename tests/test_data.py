@@ -36,7 +36,7 @@ def arrays() -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- files
 def test_npy(arrays, tmp_path: Path) -> None:
     x, _ = arrays
-    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk: the backend casts it, with a warning
+    np.save(tmp_path / "x.npy", x.astype(np.float64))  # float64 on disk stays float64: the backend casts it to the model's dtype
     source = sources.from_path(tmp_path / "x.npy")
     batches, xs, ys = _collect(source, 4)
     assert source.samples == 10 and not source.synthetic

@@ -61,7 +61,9 @@ def test_more_dead_units_fails_by_default(reports: dict[str, Path]) -> None:
     assert "act1" in out and "act2" in out and "changed" in out
     assert "delta.dead_units>0" in out and "FAIL" in out
     base, new = load(reports["healthy"]), load(reports["dead"])
-    assert f"{base['summary']['dead_units']} → {new['summary']['dead_units']}" in out
+    # the model-wide summary line is not the payload: it goes to stderr
+    summary = f"model: dead units {base['summary']['dead_units']} → {new['summary']['dead_units']}"
+    assert summary in result.stderr and summary not in out
 
 
 def test_fewer_dead_units_passes(reports: dict[str, Path]) -> None:

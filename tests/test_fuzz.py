@@ -56,9 +56,10 @@ NOT_NUMBERS = st.one_of(hnp.complex_number_dtypes(), hnp.unicode_string_dtypes(m
 
 
 def expected_tensor(array: np.ndarray) -> torch.Tensor:
-    """What the loaders hand on: the dtype as stored (the backend casts for the model), booleans as 0.0/1.0."""
+    """What the loaders hand the backend: every dtype as it is (float64 too: the backend casts to the
+    model's dtype), native byte order, booleans as 0.0/1.0."""
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
-    if tensor.dtype == torch.bool:  # float64 stays float64: the backend casts it, with a warning
+    if tensor.dtype == torch.bool:
         tensor = tensor.float()
     return tensor
 

@@ -1,8 +1,10 @@
 """The one path from a finished payload to the user, shared by `analyze` and `diff`.
 
-Payload on stdout (or atomically in `-o FILE`); warnings, the summary and the gate table on
-stderr, except that a table on stdout keeps its gate table with it; the GitHub step summary
-for markdown; JUnit for `--junit`; and the exit code from the gates.
+Payload on stdout (or atomically in `-o FILE`); warnings, the summary lines (sites, units and
+dead units, worst sites, sites not analysed; for a diff, the model-wide change and the added and
+removed sites) and the gate table on stderr, except that a table on stdout keeps its gate table
+with it; `--quiet` leaves out the summary and the gate table (a failed gate still prints one
+line); the GitHub step summary for markdown; JUnit for `--junit`; and the exit code from the gates.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ def show_gates(gates: Sequence[Mapping[str, Any]], *, on_stdout: bool, quiet: bo
         return
     from .gates import gate_table
 
-    if on_stdout:
-        Console().print(gate_table(gates, title=title))
-    elif not quiet:
-        err.print(gate_table(gates, title=title))
+    if on_stdout or not quiet:
+        from .table import print_fitted
+
+        table, verdict = gate_table(gates, title=title).renderables
+        print_fitted(Console() if on_stdout else err, table, verdict)
     else:
         for gate in failed(gates):
             err.print(Text.assemble(("gate failed:", "bold red"), " ", describe(gate)), highlight=False, soft_wrap=True)
@@ -79,11 +82,12 @@ def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Pat
             problem = append_step_summary(text)
             if problem:
                 _warn(err, problem)
-    if output is not None and not quiet and not is_diff(document):
-        from .table import summary_text
+    if not quiet:  # the summary lines, whatever the payload's format and destination, wrapped to stderr's width
+        from .table import diff_summary_text, summary_text
 
-        err.print(summary_text(document))
-        err.print(Text(f"report written to {visible(output)}", style="dim"))
+        err.print(diff_summary_text(document) if is_diff(document) else summary_text(document), highlight=False)
+        if output is not None:
+            err.print(Text(f"report written to {visible(output)}", style="dim"), highlight=False, soft_wrap=True)
     gates = document.get("gates") or []
     show_gates(gates, on_stdout=on_terminal, quiet=quiet, err=err)
     return gate_exit(gates)

@@ -39,7 +39,7 @@ def gradient_renderable(flow: dict[str, Any]) -> Group | Text:
     table.add_column("parameter", overflow="fold")
     table.add_column("grad norm", justify="right")
     table.add_column("grad/weight", justify="right")
-    table.add_column(f"log10 grad norm [{low:.1f} … {high:.1f}]")
+    table.add_column(f"log10 grad norm [{low:.1f} to {high:.1f}]")
     for param, value in zip(weighted, logs):
         filled = 0 if not math.isfinite(value) else 1 + round((value - low) / ((high - low) or 1.0) * (BAR_WIDTH - 1))
         ratio = param["ratio"]

@@ -27,7 +27,7 @@ def layers_table(report: Mapping[str, Any], *, bars: bool = False) -> Table:
     table.add_column("site", no_wrap=True)
     table.add_column("op", no_wrap=True)
     for column in columns:
-        table.add_column(column.label, justify="right", no_wrap=True)
+        table.add_column(column.label, justify="right")
         if bars and column.metric.name == "zero_fraction":
             from .bars import HEADER
 
@@ -67,8 +67,12 @@ def summary_text(report: Mapping[str, Any]) -> Text:
     return text
 
 
-def table_renderable(report: Mapping[str, Any], *, bars: bool = False) -> Group:
-    parts: list[Any] = [layers_table(report, bars=bars), summary_text(report)]
+def table_renderable(report: Mapping[str, Any], *, bars: bool = False, summary: bool = True) -> Group:
+    """The report's tables; with `summary`, its summary lines under the layer table (the -o file keeps
+    them; on stdout they are left out: `emit_document` prints them on stderr)."""
+    parts: list[Any] = [layers_table(report, bars=bars)]
+    if summary:
+        parts.append(summary_text(report))
     if report.get("gradient_flow") is not None:
         from .gradients import gradient_renderable
 
@@ -79,6 +83,64 @@ def table_renderable(report: Mapping[str, Any], *, bars: bool = False) -> Group:
 def natural_width(report: Mapping[str, Any], *, bars: bool = False) -> int:
     """Columns the layer table needs to show every cell in full."""
     return Console(width=10_000).measure(layers_table(report, bars=bars)).maximum
+
+
+def _unsqueezed(table: Table) -> Console:
+    """A stdout console as wide as the layer table: Rich would cut numbers to "5.…" to fit a narrow
+    (80-column CI log, or piped) console, so the console widens to the table instead (it scrolls)."""
+    console = Console()
+    needed = Console(width=10_000).measure(table).maximum
+    return Console(width=needed) if needed > console.width else console
+
+
+def _words(cell: Any) -> tuple[int, int]:
+    """(longest word, longest line) of a cell, in terminal columns."""
+    from rich.cells import cell_len
+
+    text = cell.plain if isinstance(cell, Text) else str(cell)
+    lines = text.splitlines() or [""]
+    return (max((cell_len(word) for word in text.split()), default=0), max(cell_len(line) for line in lines))
+
+
+def fitted(table: Table, width: int) -> int:
+    """Fit `table` into `width` columns without cutting a word: each column gets at least its longest
+    word (a number, a name), cells wrap only at spaces (a diff's `3.984 → 4.01`). Rich alone shrinks
+    columns below that and cuts their words to "…" or folds them mid-number. Returns the width the
+    table needs: `width`, or more when even its longest words do not fit (the table then scrolls)."""
+    spans = []
+    for column in table.columns:
+        cells = [column.header, *column.cells]
+        measured = [_words(cell) for cell in cells]
+        pad = table.padding[1] + table.padding[3]  # (top, right, bottom, left)
+        spans.append((max(m[0] for m in measured), max(m[1] for m in measured), pad))
+    borders = len(spans) + 1 if table.box is not None else 0
+    fixed = sum(pad for _, _, pad in spans) + borders
+    least, most = sum(low for low, _, _ in spans), sum(high for _, high, _ in spans)
+    if fixed + most <= width:
+        return width  # fits as it is
+    if fixed + least > width:
+        for column, (low, high, _) in zip(table.columns, spans):
+            column.width, column.no_wrap = high, True  # scrolls: no wrapping at all
+        return fixed + most
+    widths = [high for _, high, _ in spans]
+    for _ in range(fixed + most - width):  # one column narrower at a time: the one with the most room to wrap
+        index = max(range(len(widths)), key=lambda i: widths[i] - spans[i][0])
+        widths[index] -= 1
+    for column, chosen in zip(table.columns, widths):
+        column.width = chosen
+    return width
+
+
+def print_fitted(console: Console, table: Table, *after: RenderableType) -> None:
+    """`table` (then `after`) on `console`, fitted to its width (see `fitted`), or on a wider console
+    writing to the same stream when the table needs more (it scrolls, nothing is cut)."""
+    needed = fitted(table, console.width)
+    if needed > console.width:
+        console = Console(width=needed, file=console.file, stderr=console.stderr,
+                          force_terminal=console.is_terminal, no_color=console.no_color)
+    console.print(table)
+    for item in after:
+        console.print(item)
 
 
 def render_text(*renderables: RenderableType, width: int = 120) -> str:
@@ -166,19 +228,23 @@ class TableFormat:
 
         gates = [gate_table(document["gates"])] if document.get("gates") else []
         if is_diff(document):
-            return render_text(diff_renderable(document), *gates)
+            table = diff_table(document)
+            width = fitted(table, 120)
+            return render_text(table, diff_summary_text(document), *gates, width=width)
         text = render_text(table_renderable(document), width=max(120, natural_width(document)))
         return text.rstrip("\n") + "\n" + render_text(*gates) if gates else text
 
     def print(self, document: Mapping[str, Any]) -> None:
-        """The payload on stdout. A report's table is never squeezed: Rich would cut numbers to "5.…"
-        to fit a narrow (or piped, 80-column) console, so the console widens to the table instead."""
+        """The payload on stdout: the tables alone (the summary lines go to stderr, see emit.py). A
+        table is never squeezed: the console widens to it (see `_unsqueezed`)."""
         if is_diff(document):
-            Console().print(diff_renderable(document))
+            print_fitted(Console(), diff_table(document))
             return
-        console = Console()
-        bars = self.bars and console.is_terminal
-        natural = natural_width(document, bars=bars)
-        if natural > console.width:
-            console = Console(width=natural)
-        console.print(table_renderable(document, bars=bars))
+        bars = self.bars and Console().is_terminal
+        table = layers_table(document, bars=bars)
+        console = _unsqueezed(table)
+        console.print(table)
+        if document.get("gradient_flow") is not None:
+            from .gradients import gradient_renderable
+
+            console.print(gradient_renderable(document["gradient_flow"]))

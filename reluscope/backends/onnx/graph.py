@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -84,13 +85,17 @@ class OnnxSite:
 
 
 def load_onnx(path: Path) -> LoadedModel:
-    """Load an ONNX file with its external weights (from the file's folder) and validate it."""
+    """Load an ONNX file with its external weights (from the file's folder) and validate it. The
+    graph is read first without them, and what each external tensor claims is checked against its
+    data file and its own shape (`_check_external_data`) before any byte of it is read."""
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        _check_external_data(model, path)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except DecodeError as exc:
         raise InputError(f"{path} is not an ONNX model (its bytes do not parse as one, the file may be truncated "
                          "or of another format); re-export or re-copy the model") from exc
-    except onnx.checker.ValidationError as exc:  # raised for missing or unreadable external data
+    except (onnx.checker.ValidationError, ValueError) as exc:  # missing, unreadable or out-of-bounds external data
         raise InputError(f"cannot read the external weights of ONNX model {path}: {first_line(exc)}; keep the "
                          "model's data file(s) next to it") from exc
     except OSError as exc:
@@ -104,6 +109,128 @@ def load_onnx(path: Path) -> LoadedModel:
     if not model.graph.node:
         raise InputError(f"{path} is not a usable ONNX model: its graph has no nodes; re-export it")
     return LoadedModel(model, "onnx")
+
+
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data that `tensor`'s type and dims call for; None for types without a fixed size."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of `graph`: initializers (sparse ones too) and node attributes, in subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _all_tensors(body)
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data whose claims do not hold, before anything is read: a 300-byte model may
+    declare a 6 GiB tensor (onnx would allocate it), or a small tensor may point at a huge (sparse)
+    file. Each tensor's bytes must be those its dims and type call for, lie inside a regular file
+    beside the model, and the tensors together may not claim more than their files hold."""
+    folder = path.parent
+    sizes: dict[Path, int] = {}
+    claimed = 0
+    graphs = [model.graph, *[onnx.GraphProto(node=f.node) for f in model.functions]]
+    for tensor in chain.from_iterable(_all_tensors(g) for g in graphs):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in onnx.TensorProto.DataType.values() \
+            else f"type {tensor.data_type}"
+        shown = f"tensor {tensor.name!r} ({kind}, shape {tuple(tensor.dims)})"
+        location = info.get("location", "")
+        where = Path(location)
+        if not location or where.is_absolute() or ".." in where.parts:
+            raise InputError(f"ONNX model {path}: {shown} keeps its data at {location!r}, not in a file beside "
+                             "the model; re-export it with its data file(s) beside it")
+        file = folder / where
+        if file not in sizes:
+            try:
+                found = file.stat()
+            except OSError as exc:  # missing, a symlink loop, no permission
+                raise InputError(f"cannot read the external weights of ONNX model {path}: {location}: {exc.strerror}; "
+                                 "keep the model's data file(s) next to it") from exc
+            if not stat.S_ISREG(found.st_mode):  # open() on a FIFO would block, a device never ends
+                raise InputError(f"cannot read the external weights of ONNX model {path}: {location} is not a regular "
+                                 "file (a folder, pipe, socket or device); keep the model's data file(s) next to it")
+            sizes[file] = found.st_size
+        size = sizes[file]
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else None
+        except ValueError as exc:
+            raise InputError(f"ONNX model {path}: {shown} has an external data offset or length that is not a "
+                             f"number ({first_line(exc)}); the model is damaged, re-export it") from exc
+        needed = _tensor_bytes(tensor)
+        read = length if length is not None else size - offset  # without a length, onnx reads to the file's end
+        if offset < 0 or read < 0 or offset + read > size:
+            span = f"{read} bytes at {offset}..{offset + read}" if length is not None else f"the bytes from {offset} on"
+            raise InputError(f"cannot read the external weights of ONNX model {path}: {shown} claims {span} of "
+                             f"{location}, which holds {size} bytes; the data file is truncated or does not belong "
+                             "to this model, re-export it")
+        if needed is not None and read != needed:
+            raise InputError(f"cannot read the external weights of ONNX model {path}: {shown} needs {needed} bytes, "
+                             f"its external data claims {read} (at {offset} of {location}); the model is damaged, "
+                             "re-export it")
+        claimed += read
+    if claimed > sum(sizes.values()):
+        raise InputError(f"cannot read the external weights of ONNX model {path}: its tensors claim {claimed} bytes "
+                         f"of external data, their files hold {sum(sizes.values())}; the model is damaged, re-export it")
+
+
+def _names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every tensor and node name in `graph` and its subgraphs (If/Loop/Scan bodies)."""
+    for value in chain(graph.input, graph.output, graph.value_info):
+        yield value.name
+    for tensor in graph.initializer:
+        yield tensor.name
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name
+        yield sparse.indices.name
+    for node in graph.node:
+        yield node.name
+        yield from node.input
+        yield from node.output
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _names(body)
+
+
+def free_prefix(graph: onnx.GraphProto, base: str) -> str:
+    """`base`, or `base` numbered (`reluscope2::`), so that no name in `graph` starts with it: the
+    names reluscope adds to a graph then cannot collide with the model's own (a model may name its
+    tensors `reluscope::1`)."""
+    names = set(_names(graph))
+    stem, _, tail = base.partition("::")
+    prefix, number = base, 1
+    while any(name.startswith(prefix) for name in names):
+        number += 1
+        prefix = f"{stem}{number}::{tail}"
+    return prefix
 
 
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -622,14 +749,15 @@ class _Exposer:
     """Makes the sites inside If branches visible: each site tensor becomes an output of its branch (the other
     branch gives an empty tensor in its place) and of the If node, up to the main graph."""
 
-    def __init__(self, opset: int, types: dict[str, int]) -> None:
+    def __init__(self, opset: int, types: dict[str, int], prefix: str = "reluscope::") -> None:
         self.opset = opset
         self.types = types  # elem types of tensors, from shape inference
         self.count = 0
+        self.prefix = prefix  # that no name of the graph starts with (see free_prefix)
 
     def _name(self, kind: str) -> str:
         self.count += 1
-        return f"reluscope::{kind}{self.count}"
+        return f"{self.prefix}{kind}{self.count}"
 
     def expose(self, graph: onnx.GraphProto) -> list[tuple[int, OnnxSite]]:
         """(index of the node in `graph` holding it, site) for the sites inside `graph`'s If nodes; their
@@ -710,7 +838,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[OnnxSite], list[dict[str, A
     opset = default_opset(model)
     inline_constant_ifs(model.graph, opset)
     has_ifs = any(node.op_type == "If" for node in model.graph.node)
-    branch_sites = _Exposer(opset, _subgraph_types(model) if has_ifs else {}).expose(model.graph) if has_ifs else []
+    branch_sites = _Exposer(opset, _subgraph_types(model) if has_ifs else {},
+                            free_prefix(model.graph, "reluscope::")).expose(model.graph) if has_ifs else []
     found = list(_sites_of(model.graph, opset))
     index = {id_: position for position, id_ in enumerate(node.output[0] if node.output else "" for node in
                                                              model.graph.node)}

@@ -37,14 +37,14 @@ from ...measure.sites import resolve_unit_axis
 from ...data import is_tensor
 from ...measure.stats import SiteStats
 from ..base import Session
-from .graph import _NEVER_RAN, OnnxSite, default_opset, find_sites, inline_functions, true_inputs
+from .graph import _NEVER_RAN, OnnxSite, default_opset, find_sites, free_prefix, inline_functions, true_inputs
 
 # ORT_ENABLE_ALL: what deployed sessions run, and the fastest level (benchmarks/README.md).
 # No optimization can hide a site: each site tensor is a graph output, which onnxruntime must produce.
 OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf serializes no message past 2 GiB: bigger models keep weights in side files
 _EXACT_COUNT = 2**24  # float32 holds every integer below this, so per-unit counts summed as floats stay exact
-_PREFIX = "reluscope::"
+_PREFIX = "reluscope::"  # the names of the nodes reluscope adds start with it, or with a numbered one (free_prefix)
 Rows = Callable[..., np.ndarray]  # (output name, start=0, stop=None) -> that output's real rows
 
 
@@ -83,10 +83,11 @@ class _Builder:
         self.opset = opset
         self._count = 0
         self._constants: dict[tuple[Any, ...], str] = {}
+        self._prefix = free_prefix(graph, _PREFIX)  # no name of the model's starts with it: none collides
 
     def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
         self._count += 1
-        out = f"{_PREFIX}{self._count}"
+        out = f"{self._prefix}{self._count}"
         self.graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
@@ -219,6 +220,20 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _beyond_range(array: np.ndarray, want: np.dtype) -> float | None:
+    """The largest finite magnitude in `array` when it is beyond what floating dtype `want` holds (cast,
+    it would become inf), else None; checked only where the data's dtype can hold such values."""
+    if want.kind != "f" or array.dtype.kind not in "fiu" or array.size == 0:
+        return None
+    source = float(np.finfo(array.dtype).max if array.dtype.kind == "f" else np.iinfo(array.dtype).max)
+    limit = float(np.finfo(want).max)
+    if source <= limit:
+        return None
+    magnitude = np.abs(array.astype(np.float64, copy=False))
+    largest = float(np.max(magnitude, initial=0.0, where=np.isfinite(magnitude)))
+    return largest if largest > limit else None
+
+
 def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
@@ -291,8 +306,14 @@ class OnnxCapture(Session):
                                  f"{tuple(array.shape)}; give data of the model's input shape")
             want = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
             if array.dtype != want:
-                self._warn(f"ONNX input {value.name!r} takes {want}, the data is {array.dtype}: cast")
-                array = array.astype(want)
+                largest = _beyond_range(array, want)
+                if largest is not None:
+                    self._warn(f"ONNX input {value.name!r} takes {want}; the data ({array.dtype}) holds values beyond "
+                               f"its range (largest magnitude {largest:.3g}): cast, they become inf")
+                if not (array.dtype == np.float64 and want == np.float32):  # numpy default, the usual graph: no news
+                    self._warn(f"ONNX input {value.name!r} takes {want}, the data is {array.dtype}: cast")
+                with np.errstate(over="ignore", invalid="ignore"):
+                    array = array.astype(want)
             feeds[value.name] = array
         return feeds
 

@@ -69,40 +69,76 @@ def expectation(module: Any, shapes: list[tuple[int, ...]]) -> str | None:
     return None
 
 
+def _beyond_range(tensor: Any, wanted: Any) -> float | None:
+    """The largest finite magnitude in `tensor` when it is beyond what floating dtype `wanted` holds
+    (cast, it would become inf), else None. Checked only where the source dtype can hold such values."""
+    import torch
+
+    limit = torch.finfo(wanted).max
+    source = torch.finfo(tensor.dtype).max if tensor.is_floating_point() else torch.iinfo(tensor.dtype).max
+    if source <= limit or tensor.numel() == 0:
+        return None
+    magnitude = tensor.abs() if tensor.is_floating_point() else tensor.double().abs()
+    if tensor.is_floating_point():
+        magnitude = torch.where(torch.isfinite(tensor), magnitude, torch.zeros((), dtype=magnitude.dtype,
+                                                                               device=magnitude.device))
+    largest = float(magnitude.max())
+    return largest if largest > limit else None
+
+
 def input_caster(module: Any, warnings_out: list[str]) -> Callable[[Any], Any]:
-    """Calibration inputs cast to the floating dtype the model computes in, with a warning: integer
-    images (uint8 pixels) or float64/float16 files would otherwise fail in the first layer.
+    """Calibration inputs cast to the floating dtype the model computes in: integer images (uint8
+    pixels) or float64/float16 files would otherwise fail in the first layer. Data keeps its dtype
+    up to here (a float64 model gets float64 data as it is).
+
+    Each kind of cast warns once: integers and float16/float32 into another float dtype say so;
+    float64 (numpy's default) into float32 is silent, unless values are beyond the range of
+    the dtype cast to (1e300 into float32 becomes inf): that warns, for any source dtype.
 
     Integers are left alone where they are meant to be integers: an exported graph's inputs say
-    their dtype; otherwise a model whose first parameterised layer is an Embedding takes token ids,
-    and a model without floating parameters gives nothing to go by."""
+    their dtype; otherwise a model whose first parameterised layer is an Embedding takes token ids.
+    A model without floating parameters gives nothing to go by: float64 then becomes torch's
+    default dtype (float32), as before."""
     import torch
 
     specs = _exported_inputs(module)
+    fallback = None  # for models that say nothing: float64 data only, to torch's default dtype
     if specs is not None:  # per input, by position and by name
         by_position: list[Any] = [dtype for _, _, dtype in specs]
         by_name = {name: dtype for name, _, dtype in specs}
         default = None
     else:  # every input: the dtype of the first layer's weights
         first = _first_layer(module)
-        if first is None or first[1] in ("Embedding", "EmbeddingBag"):
-            return lambda inputs: inputs
-        default = next((p.dtype for p in first[2].parameters(recurse=False) if p.is_floating_point()), None)
+        default = None
+        if first is not None and first[1] not in ("Embedding", "EmbeddingBag"):
+            default = next((p.dtype for p in first[2].parameters(recurse=False) if p.is_floating_point()), None)
         if default is None:
-            return lambda inputs: inputs
+            fallback = torch.get_default_dtype()
         by_position, by_name = [], {}
-    warned: set[tuple[Any, Any]] = set()
+    warned: set[tuple[Any, ...]] = set()
+
+    def say(key: tuple[Any, ...], message: str) -> None:
+        if key not in warned:
+            warned.add(key)
+            warnings_out.append(message)
 
     def one(tensor: Any, wanted: Any) -> Any:
-        if wanted is None or not wanted.is_floating_point or not isinstance(tensor, torch.Tensor) \
-                or tensor.dtype == wanted or tensor.is_complex():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_complex():
             return tensor
-        if (tensor.dtype, wanted) not in warned:
-            warned.add((tensor.dtype, wanted))
+        if wanted is None and fallback is not None and tensor.dtype == torch.float64:
+            wanted = fallback
+        if wanted is None or not wanted.is_floating_point or tensor.dtype == wanted:
+            return tensor
+        have, want = str(tensor.dtype).replace("torch.", ""), str(wanted).replace("torch.", "")
+        largest = _beyond_range(tensor, wanted)
+        if largest is not None:
+            say(("range", tensor.dtype, wanted),
+                f"calibration input ({have}) holds values beyond the range of {want}, the dtype the model computes "
+                f"in (largest magnitude {largest:.3g}): cast, they become inf")
+        if not (tensor.dtype == torch.float64 and wanted == torch.float32):  # numpy default, model default: no news
             rescale = "" if tensor.is_floating_point() else " (values are not rescaled: scale integer pixels as " \
                 "the model was trained, e.g. to 0..1)"
-            warnings_out.append(f"calibration input is {str(tensor.dtype).replace('torch.', '')}, the model computes "
-                                f"in {str(wanted).replace('torch.', '')}: cast{rescale}")
+            say(("cast", tensor.dtype, wanted), f"calibration input is {have}, the model computes in {want}: cast{rescale}")
         return tensor.to(wanted)
 
     def cast(inputs: Any) -> Any:
