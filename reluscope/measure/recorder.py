@@ -41,7 +41,7 @@ class SiteRecorder:
         self.reduction = reduction
         self._sites: dict[tuple[str, int], _Site] = {}
         self._calls: dict[str, int] = {}
-        self._mask: torch.Tensor | None = None  # see masked()
+        self._mask: Any = None  # see masked()
         self._mask_full = False
         self._mask_samples: int | None = None
         self.notes: list[str] = []  # what the run should warn about (each once)
@@ -51,7 +51,7 @@ class SiteRecorder:
         self._calls.clear()
 
     @contextlib.contextmanager
-    def masked(self, mask: torch.Tensor | None, samples: int | None = None) -> Iterator[None]:
+    def masked(self, mask: Any, samples: int | None = None) -> Iterator[None]:
         """Measure only the real positions of the forward passes inside.
 
         `mask` is bool, True where a position is real: [batch] for rows that pad a batch to a
@@ -72,7 +72,7 @@ class SiteRecorder:
         finally:
             self._mask, self._mask_full, self._mask_samples = saved
 
-    def _mask_fits(self, output: torch.Tensor, batched: bool) -> bool:
+    def _mask_fits(self, output: Any, batched: bool) -> bool:
         """Whether `output` starts with the mask's axes ([batch, seq] ones followed by a feature axis)."""
         mask = self._mask
         if mask is None or not batched:
@@ -117,7 +117,7 @@ class SiteRecorder:
             # do not affect it (the hook binds to the autograd node of this version).
             output.register_hook(site.grad.update)
 
-    def _update_masked(self, site: _Site, output: torch.Tensor, inp: torch.Tensor | None) -> None:
+    def _update_masked(self, site: _Site, output: Any, inp: Any) -> None:
         """Fold only the mask's real positions ([tokens, ...] or the real rows) into the site."""
         mask = self._mask
         assert mask is not None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ...errors import UsageError
 from ...measure.recorder import SiteRecorder
 from ...run import Run
