@@ -652,20 +652,17 @@ class _SyntheticStack:
         self.shape = (samples, *shape)
         self.ndim = len(self.shape)
 
-    def _chunk(self, index: int) -> Any:
-        import torch  # the same numbers as every earlier release: drawn with torch's generator
+    def _chunk(self, index: int) -> np.ndarray:
+        # numpy's generator, so that an ONNX analysis on synthetic inputs needs no torch either
+        generator = np.random.default_rng(self.seed * 1_000_003 + index)
+        return generator.standard_normal((self.CHUNK, *self.sample_shape), dtype=np.float32)
 
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return torch.randn((self.CHUNK, *self.sample_shape), generator=generator)
-
-    def __getitem__(self, index: slice) -> Any:
-        import torch
-
+    def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, _ = index.indices(self.shape[0])
         if stop <= start:
-            return torch.empty((0, *self.sample_shape))
+            return np.empty((0, *self.sample_shape), dtype=np.float32)
         first, last = start // self.CHUNK, (stop - 1) // self.CHUNK
-        block = torch.cat([self._chunk(i) for i in range(first, last + 1)])
+        block = np.concatenate([self._chunk(i) for i in range(first, last + 1)])
         offset = first * self.CHUNK
         return block[start - offset:stop - offset]
 

@@ -29,14 +29,17 @@ def _probe(args: list[str], env: dict[str, str]) -> dict:
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("extra", [[], ["--percentiles"], ["--fail-on", "dead_fraction>0.9"]])
+@pytest.mark.parametrize("extra", [["--data", str(CALIB)], ["--data", str(CALIB), "--percentiles"],
+                                   ["--data", str(CALIB), "--fail-on", "dead_fraction>0.9"],
+                                   ["--input-shape", "1,8,8"]],  # synthetic inputs
+                         ids=["data", "percentiles", "gate", "synthetic"])
 def test_an_onnx_analysis_does_not_import_torch(extra: list[str], tmp_path: Path, cli_env: dict) -> None:
     out = tmp_path / "report.json"
-    result = _probe(["analyze", str(SAMPLES / "digits_mlp_dead.onnx"), "--data", str(CALIB), "-q", "-f", "json",
-                     "-o", str(out), *extra], cli_env)
+    result = _probe(["analyze", str(SAMPLES / "digits_mlp_dead.onnx"), "-q", "-f", "json", "-o", str(out), *extra],
+                    cli_env)
     assert result == {"exit": 0, "loaded": []}
     report = json.loads(out.read_text())
-    assert report["run"]["backend"] == "onnxruntime" and report["summary"]["dead_units"] > 0
+    assert report["run"]["backend"] == "onnxruntime" and report["summary"]["units"] == 192
 
 
 def test_the_host_route_reports_what_the_torch_route_reports(tmp_path: Path, cli_env: dict) -> None:
