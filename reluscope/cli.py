@@ -268,7 +268,10 @@ def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bo
     """The analysis in a worker thread (see `in_worker`), with a progress bar on a terminal."""
     from .api import run_analysis
 
-    show = not quiet and sys.stderr.isatty()
+    from .distributed import world_from_env
+
+    # under torchrun, rank 0 alone shows progress (the torch backend counts every rank's batches there)
+    show = not quiet and sys.stderr.isatty() and world_from_env().is_main
     if not show:
         return in_worker(lambda: run_analysis(model, data, config), timeout)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -224,9 +224,9 @@ def _from_iterable(iterable: Iterable[Any], max_samples: int | None,
 
 def _truncate(batch: Batch, keep: int) -> Batch:
     if isinstance(batch.inputs, dict):
-        inputs: Any = {k: v[:keep] if v.dim() else v for k, v in batch.inputs.items()}
+        inputs: Any = {k: _rows(v, 0, keep) for k, v in batch.inputs.items()}
     else:
-        inputs = tuple(v[:keep] if v.dim() else v for v in batch.inputs)
+        inputs = tuple(_rows(v, 0, keep) for v in batch.inputs)
     return Batch(inputs, None if batch.labels is None else batch.labels[:keep], keep)
 
 

@@ -407,3 +407,12 @@ def test_empty_in_memory_data(empty) -> None:
 def test_empty_in_memory_data_is_an_input_error() -> None:
     with pytest.raises(InputError):
         reluscope.analyze(nn.Sequential(nn.ReLU()), np.zeros((0, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_max_samples_cuts_a_batch_of_an_iterable(kind: str) -> None:
+    """--max-samples inside a batch of an iterable: numpy batches are cut as tensors are."""
+    make = (lambda n: np.arange(n * 3, dtype=np.float32).reshape(n, 3)) if kind == "numpy" else \
+        (lambda n: torch.arange(n * 3, dtype=torch.float32).reshape(n, 3))
+    batches, xs, _ = _collect(sources.from_object([make(4), make(4)]), 4, max_samples=6)
+    assert [b.size for b in batches] == [4, 2] and xs.shape == (6, 3)

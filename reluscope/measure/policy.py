@@ -23,8 +23,7 @@ class NonfinitePolicy(enum.Enum):
     MASKED = "masked"
 
     @classmethod
-    def for_device(cls, device: Any, replayable: bool = True) -> "NonfinitePolicy":
-        """CHECK where a host branch is free (the CPU), else DEFER, or MASKED for one-pass data."""
-        if str(device).split(":", 1)[0] == "cpu":
-            return cls.CHECK
-        return cls.DEFER if replayable else cls.MASKED
+    def for_device(cls, device: Any) -> "NonfinitePolicy":
+        """CHECK where a host branch is free (the CPU), else DEFER (a run on one-pass data, which
+        cannot be measured again, takes MASKED instead: the torch backend decides that)."""
+        return cls.CHECK if str(device).split(":", 1)[0] == "cpu" else cls.DEFER

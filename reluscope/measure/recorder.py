@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .sites import Activation, SiteInfo, call_names, resolve_unit_axis
+from .sites import Activation, SiteInfo, resolve_unit_axis
 from .stats import SiteGradStats, SiteStats
 
 
@@ -87,7 +87,8 @@ class SiteRecorder:
     def record(self, base: str, activation: Activation, output: Any, inp: Any = None,
                layout: str | None = None, unit_axis: int | None = None, tensor: str | None = None,
                module: str | None = None, node: str | None = None,
-               batched: bool = True) -> None:
+               batched: bool = True) -> SiteStats:
+        """Fold one call's output into its site (created on first sight) and return the site's statistics."""
         call = self._calls.get(base, 0)
         self._calls[base] = call + 1
         site = self._sites.get((base, call))
@@ -116,6 +117,7 @@ class SiteRecorder:
             # Fires during the backward pass with d(loss)/d(this output); in-place successors
             # do not affect it (the hook binds to the autograd node of this version).
             output.register_hook(site.grad.update)
+        return site.stats
 
     def _update_masked(self, site: _Site, output: Any, inp: Any) -> None:
         """Fold only the mask's real positions ([tokens, ...] or the real rows) into the site."""
@@ -144,11 +146,11 @@ class SiteRecorder:
 
     def sites(self) -> list[tuple[SiteInfo, Activation, SiteStats]]:
         """Sites in order of first call, named `base` or `base#k` when a base is called more than once."""
-        sites = list(self._sites.values())
-        return [(SiteInfo(name, site.activation.op, site.stats.shape, site.stats.unit_axis, site.tensor, site.module,
-                          site.node),
+        repeated = {site.base for site in self._sites.values() if site.call > 0}
+        return [(SiteInfo(f"{site.base}#{site.call}" if site.base in repeated else site.base, site.activation.op,
+                          site.stats.shape, site.stats.unit_axis, site.tensor, site.module, site.node),
                  site.activation, site.stats)
-                for site, name in zip(sites, call_names([site.base for site in sites]))]
+                for site in self._sites.values()]
 
     def host_view(self) -> list[tuple[SiteInfo, Activation, dict[str, Any]]]:
         return [(info, act, stats.to_host()) for info, act, stats in self.sites()]

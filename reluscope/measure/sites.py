@@ -9,6 +9,7 @@ kinds (`aten::relu`) alike.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -120,7 +121,8 @@ def functional_site_name(enclosing: str, op: str) -> str:
 def call_names(bases: Sequence[str | None]) -> list[str | None]:
     """Site names for a run's calls in order: `base` when a base is called once, `base#k` for its
     k-th call (from 0) when it is called more than once. None (no name known) stays None."""
-    repeated = {base for base in bases if base is not None and bases.count(base) > 1}
+    counts = Counter(base for base in bases if base is not None)
+    repeated = {base for base, count in counts.items() if count > 1}
     seen: dict[str, int] = {}
     names: list[str | None] = []
     for base in bases:

@@ -122,8 +122,7 @@ class SiteGradStats(Accumulators):
     def update(self, grad: Any) -> None:
         if grad is None:  # no gradient reached this output from outside (TorchScript's extra outputs)
             return
-        import torch
-
+        torch = self.arrays.torch
         with torch.no_grad():
             g = grad.detach()
             self.sumsq += torch.linalg.vector_norm(g.float()).double() ** 2

@@ -27,7 +27,7 @@ class Formatter(Protocol):
         """The payload as text: what `-o FILE` holds, and what stdout gets unless `terminal`."""
 
     def print(self, document: Mapping[str, Any]) -> None:
-        """The payload on stdout."""
+        """The payload on stdout, for `terminal` formats only (the others' text goes out as it is)."""
 
 
 class JsonFormat:
@@ -38,11 +38,6 @@ class JsonFormat:
 
     def render(self, document: Mapping[str, Any]) -> str:
         return json.dumps(document, indent=2, allow_nan=False)
-
-    def print(self, document: Mapping[str, Any]) -> None:
-        from ..output import emit
-
-        emit(self.render(document), None)
 
 
 def to_format(fmt: OutputFormat, *, bars: bool = True) -> Formatter:

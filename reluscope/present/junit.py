@@ -57,9 +57,6 @@ class JUnitFormat:
     """JUnit XML of a document's gates (`--junit FILE`): a report's cases carry the model's
     identity as properties, a diff's the two report paths."""
 
-    terminal = False
-    step_summary = False
-
     def render(self, document: Mapping[str, Any]) -> str:
         gates = document.get("gates") or []
         if is_diff(document):
@@ -69,8 +66,3 @@ class JUnitFormat:
         return junit_xml(gates, properties={"model": model.get("path"), "format": model.get("format"),
                                             "sha256": model.get("sha256"), "samples": data.get("samples")},
                          seconds=float((document.get("run") or {}).get("seconds") or 0.0))
-
-    def print(self, document: Mapping[str, Any]) -> None:
-        from ..output import emit
-
-        emit(self.render(document), None)

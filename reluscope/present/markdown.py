@@ -195,8 +195,3 @@ class MarkdownFormat:
 
     def render(self, document: Mapping[str, Any]) -> str:
         return diff_markdown(document) if is_diff(document) else report_markdown(document)
-
-    def print(self, document: Mapping[str, Any]) -> None:
-        from ..output import emit
-
-        emit(self.render(document), None)

@@ -204,10 +204,6 @@ def diff_summary_text(diff: Mapping[str, Any]) -> Text:
     return text
 
 
-def diff_renderable(diff: Mapping[str, Any]) -> Group:
-    return Group(diff_table(diff), diff_summary_text(diff))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The format
 

@@ -229,6 +229,9 @@ def _beyond_range(array: np.ndarray, want: np.dtype) -> float | None:
     limit = float(np.finfo(want).max)
     if source <= limit:
         return None
+    # fmax/fmin skip NaN and allocate nothing: the usual batch (every value fits) stops here
+    if max(float(np.fmax.reduce(array, axis=None)), -float(np.fmin.reduce(array, axis=None))) <= limit:
+        return None
     magnitude = np.abs(array.astype(np.float64, copy=False))
     largest = float(np.max(magnitude, initial=0.0, where=np.isfinite(magnitude)))
     return largest if largest > limit else None
@@ -387,9 +390,9 @@ class OnnxCapture(Session):
             if self._stats[index] is not None or _not_run(plan, fetched):
                 continue
             out, inp = _tensors(plan, get if plan.reduced is None else partial(get, stop=1))
-            self.recorder.record(plan.site.name, plan.site.activation, out, inp, layout=plan.site.layout,
-                                 tensor=plan.site.tensor, module=plan.site.module, node=plan.site.node)
-            self._stats[index] = self.recorder.sites()[-1][2]
+            self._stats[index] = self.recorder.record(plan.site.name, plan.site.activation, out, inp,
+                                                      layout=plan.site.layout, tensor=plan.site.tensor,
+                                                      module=plan.site.module, node=plan.site.node)
             created.add(index)
         return created
 

@@ -49,7 +49,7 @@ class TorchBackend(Backend):
             run.progress = None  # under torchrun, rank 0 alone shows progress (for every rank's batches)
         device = resolve_device(config.device, self.loaded.module, world.local_rank)
         replayable = run.source.replayable
-        policy = self.nonfinite or NonfinitePolicy.for_device(device, replayable)
+        policy = self.nonfinite or NonfinitePolicy.for_device(device)
         if policy is NonfinitePolicy.DEFER and not replayable:
             policy = NonfinitePolicy.MASKED  # a one-pass iterable cannot be measured again
         reduction, warning = choose_reduction(config.stats_kernel, device, policy)

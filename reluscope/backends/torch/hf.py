@@ -23,7 +23,7 @@ import torch
 
 from ...errors import InputError, UnsafeCheckpointError, UsageError, first_line
 from ..base import LoadedModel
-from .weight_files import INDEX_NAMES
+from .weight_files import INDEX_NAMES, read_weight_map
 
 INSTALL_HINT = 'pip install "reluscope[hf]"'
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", *INDEX_NAMES)
@@ -73,10 +73,7 @@ def _weight_files(folder: Path) -> list[Path]:
     """The folder's weight files (every shard of an index), or an input error naming what is missing."""
     index = next((folder / name for name in INDEX_NAMES if (folder / name).is_file()), None)
     if index is not None:
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"cannot read the shard index {index}: {first_line(exc)}; re-save the model") from exc
+        shards = sorted(set(read_weight_map(index).values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
             raise InputError(f"Hugging Face model folder {folder}: {index.name} lists {len(shards)} shards but "

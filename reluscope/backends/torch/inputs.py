@@ -78,6 +78,9 @@ def _beyond_range(tensor: Any, wanted: Any) -> float | None:
     source = torch.finfo(tensor.dtype).max if tensor.is_floating_point() else torch.iinfo(tensor.dtype).max
     if source <= limit or tensor.numel() == 0:
         return None
+    low, high = torch.aminmax(tensor)  # NaN/Inf fall through to the exact check below
+    if max(float(high), -float(low)) <= limit:
+        return None
     magnitude = tensor.abs() if tensor.is_floating_point() else tensor.double().abs()
     if tensor.is_floating_point():
         magnitude = torch.where(torch.isfinite(tensor), magnitude, torch.zeros((), dtype=magnitude.dtype,

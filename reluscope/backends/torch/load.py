@@ -108,7 +108,6 @@ def _load_torchscript(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
     return LoadedModel(module, "torchscript")
 
 
-_UNSAFE_REFUSAL = PICKLE_REFUSAL
 
 
 def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
@@ -128,7 +127,7 @@ def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
         raise
     except Exception as exc:  # noqa: BLE001
         if not trust_checkpoint and _is_weights_only_refusal(exc):
-            raise UnsafeCheckpointError(_UNSAFE_REFUSAL.format(path=path, what=" (in a torch.export archive)")) from exc
+            raise UnsafeCheckpointError(PICKLE_REFUSAL.format(path=path, what=" (in a torch.export archive)")) from exc
         # torch.export.load logs the real error ("check the warnings above") and raises a generic one
         cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), exc)
         detail = first_line(cause).rstrip(".")
@@ -161,11 +160,6 @@ def _torch_export_logs() -> Iterator[list[logging.LogRecord]]:
         for logger, (handlers, propagate) in zip(loggers, saved):
             logger.handlers = handlers
             logger.propagate = propagate
-
-
-def _refuse_opaque_objects(path: Path) -> None:
-    """Kept for callers of the old name: the whole pre-load check of a .pt2 (pt2_check.py)."""
-    check_pt2(path)
 
 
 # One torch.export.load at a time. It is not thread-safe itself (in torch 2.13 a second load

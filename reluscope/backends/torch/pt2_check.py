@@ -173,8 +173,8 @@ def _check(path: Path) -> None:
     seen = set(reader.get_all_records())
     if seen != records:
         raise Refusal("torch's zip reader and Python's see different members in it")
-    if reader.get_record("archive_format").decode("utf-8", "replace") != "pt2":
-        return  # not a .pt2 torch.export can load: torch.export.load reports it
+    if "archive_format" not in records or reader.get_record("archive_format") != b"pt2":
+        raise Refusal("it is not a torch.export pt2 archive (its archive_format record is missing or not 'pt2')")
     models = sorted(r for r in records if r.startswith("models/"))
     for model in models:
         name = model[len("models/"):-len(".json")]

@@ -15,9 +15,6 @@ from ...measure.reductions import NonfinitePolicy, TorchReduction
 if TYPE_CHECKING:
     from ...measure.stats import SiteStats
 
-KERNELS = ("auto", "triton", "torch")
-
-
 @functools.cache
 def _import_kernel() -> tuple[Any, str | None]:
     try:
@@ -27,11 +24,6 @@ def _import_kernel() -> tuple[Any, str | None]:
     except Exception as exc:  # noqa: BLE001 - a broken triton install raises more than ImportError
         return None, f"the triton package failed to import ({type(exc).__name__}: {str(exc).strip()[:160]})"
     return triton_kernel, None
-
-
-def kernel_module() -> Any:
-    """reluscope.backends.torch.triton_kernel, or None where triton is missing or broken."""
-    return _import_kernel()[0]
 
 
 class TritonReduction:

@@ -77,9 +77,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_index(path: Path, read_shard: Callable[[Path], Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a sharded checkpoint: its index file's `weight_map` names a shard (a file
-    beside the index) for each weight; every shard is read with `read_shard`."""
+def read_weight_map(path: Path) -> dict[str, str]:
+    """An index file's `weight_map` (weight name -> shard file name), checked: every shard must be a
+    plain file name (a shard lies beside its index, never elsewhere)."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
@@ -93,6 +93,14 @@ def read_index(path: Path, read_shard: Callable[[Path], Any]) -> dict[str, torch
     if outside:
         raise InputError(f"the shard index {path} names {outside[0]!r}, which is not a file beside it; shards must "
                          "lie in the index's folder")
+    return weight_map
+
+
+def read_index(path: Path, read_shard: Callable[[Path], Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint: its index file's `weight_map` names a shard (a file
+    beside the index) for each weight; every shard is read with `read_shard`."""
+    weight_map = read_weight_map(path)
+    shards = list(dict.fromkeys(weight_map.values()))
     missing = [name for name in shards if not (path.parent / name).is_file()]
     if missing:
         raise InputError(f"the shard index {path} lists {len(shards)} shards, and "
