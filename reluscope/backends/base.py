@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..data import Batch
+    from ..measure.outputs import OutputCheck
     from ..measure.recorder import SiteRecorder
     from ..run import Run
 
@@ -41,6 +43,27 @@ class Measurement:
     recorder: "SiteRecorder"
     run: dict[str, Any]  # backend, device, processes... (the report's `run` fields this backend knows)
     gradient_flow: dict[str, Any] | None = None
+
+
+@dataclass
+class PruneRequest:
+    """What `reluscope prune` asks a backend: remove these units, keep the outputs."""
+
+    candidates: dict[str, list[int]]  # site name -> units to remove (dead, or rarely active when asked)
+    batches: list["Batch"]  # the calibration data, held in memory: every pass of the prune reads it again
+    tolerance: float  # largest relative output difference (measure.outputs.OutputCheck.relative) accepted
+    device: str = "cpu"
+
+
+@dataclass
+class Pruning:
+    """A backend's pruned model, what it removed and kept per site, and how close its outputs stayed."""
+
+    model: Any  # the pruned copy (nn.Module or onnx ModelProto); the backend's own model is unchanged
+    removed: dict[str, list[int]]  # site name -> units removed (indices of the original model)
+    kept: dict[str, dict[int, str]]  # site name -> candidate unit -> why it stays
+    check: "OutputCheck"  # original vs pruned on the calibration batches
+    notes: list[str] = field(default_factory=list)  # what the prune report should warn about
 
 
 class Session(abc.ABC):
@@ -78,3 +101,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def measure(self, run: "Run") -> Measurement:
         """Stream `run`'s batches through the model and return the sites' accumulators."""
+
+    # pruning (reluscope prune): a backend that cannot prune says so in one line
+    def prune(self, request: PruneRequest) -> Pruning:
+        """Remove `request.candidates` from a copy of the model, folding what they fed into the consumers'
+        biases, keeping coupled units that are not removable everywhere, and verifying the outputs."""
+        from ..errors import UsageError
+
+        raise UsageError(f"reluscope prune cannot prune a {self.loaded.format} model; give a PyTorch state_dict "
+                         "with --arch, a trusted pickled module, or an ONNX file")
+
+    def cost(self, model: Any, batch: "Batch") -> dict[str, Any]:
+        """{"parameters", "macs", "latency_ms"} of `model` (this backend's kind) on one calibration batch, on CPU."""
+        raise NotImplementedError
+
+    def serialize(self, model: Any, suffix: str, batch: "Batch") -> bytes:
+        """`model` (a pruned copy) as the bytes of a `suffix` file (".pt", ".pt2", ".onnx"); a suffix this
+        backend cannot write is a UsageError naming the ones it can."""
+        raise NotImplementedError
