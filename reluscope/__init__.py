@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-__all__ = ["analyze", "Report", "__version__"]
+__all__ = ["analyze", "prune", "Report", "__version__"]
 
 if TYPE_CHECKING:
     from .report import Report
@@ -19,6 +19,13 @@ def analyze(model: Any, data: Any = None, **options: Any) -> "Report":
     from .api import analyze as _analyze
 
     return _analyze(model, data, **options)
+
+
+def prune(model: Any, data: Any = None, **options: Any) -> tuple[Any, dict[str, Any]]:
+    """See `reluscope.pruning.prune`."""
+    from .pruning import prune as _prune
+
+    return _prune(model, data, **options)
 
 
 def __getattr__(name: str) -> Any:

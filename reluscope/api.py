@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._version import __version__
 from .config import AnalyzeConfig
 from .errors import InputError
 from .report import Report, Thresholds, build_layer, build_summary
 from .run import ProgressCallback, Run
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .data import DataSource
 
 
 def analyze(model: Any, data: Any = None, *, progress: ProgressCallback | None = None,
@@ -52,13 +56,28 @@ _declare_keywords()
 def run_analysis(model: Any, data: Any, config: AnalyzeConfig, *, progress: ProgressCallback | None = None,
                  on_start: Callable[[int | None], None] | None = None) -> Report:
     """`analyze` with its options already validated (the CLI's entry point)."""
+    started = time.perf_counter()
+    backend, source = open_analysis(model, data, config)
+    return measure(backend, source, config, started, progress=progress, on_start=on_start)
+
+
+def open_analysis(model: Any, data: Any, config: AnalyzeConfig) -> tuple[Backend, DataSource]:
+    """The model's backend and the calibration data source, both checked and ready to measure."""
     from . import data as data_sources
     from .backends import open_model
 
-    started = time.perf_counter()
     backend = open_model(model, arch=config.arch, trust_checkpoint=config.trust_checkpoint)
     source = data_sources.from_object(data, input_shape=config.input_shape, tokenizer=backend.loaded.tokenizer,
                                       max_length=config.max_length, normalize=config.normalize)
+    return backend, source
+
+
+def measure(backend: Backend, source: DataSource, config: AnalyzeConfig, started: float, *,
+            progress: ProgressCallback | None = None,
+            on_start: Callable[[int | None], None] | None = None) -> Report:
+    """Measure `source` through `backend` and build the report (`started`: when the run began, for its seconds)."""
+    from . import data as data_sources
+
     run = Run(config, source, progress)
     run.warnings.extend(data_sources.normalize_warnings(source, config.normalize, backend.loaded.module))
     run.keep_warnings()

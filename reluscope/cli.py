@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ReluscopeError, UsageError
-from .options import ANALYZE_OPTIONS, CONFIG_HELP, Option, OutputFormat
+from .options import ANALYZE_OPTIONS, CONFIG_HELP, PRUNE_OPTIONS, Option, OutputFormat
 
 def _fold_help_words() -> None:
     """Help at 80 columns (a CI log): Rich cuts a word wider than its column to "…"; typer's help
@@ -287,6 +287,55 @@ def _run_with_progress(model: Path, data: Optional[Path], config: Any, quiet: bo
             bar.advance(task, samples)
 
         return in_worker(lambda: run_analysis(model, data, config, progress=advance, on_start=on_start), timeout)
+
+
+@app.command("prune", cls=_Command)
+@_declared_options(PRUNE_OPTIONS)
+def prune_command(
+    ctx: typer.Context,
+    model: Path = typer.Argument(..., help="Model file, as for `reluscope analyze`: a state_dict (with --arch), a "
+                                 "pickled nn.Module (with --trust-checkpoint) or ONNX."),
+    **options: Any,  # one per option in options.PRUNE_OPTIONS
+) -> None:
+    """Remove the units that are dead on the calibration data (exactly 0 at a ReLU, ReLU6 or clamp) and
+    write a smaller model with the same outputs, verified on that data.
+
+    Exit codes: 0 pruned (or nothing to prune), 1 the verification failed (nothing written), 2 bad usage or
+    input, 3 internal error.
+    """
+    output, report_file, quiet, debug = options["output"], options["report"], options["quiet"], options["debug"]
+
+    def body() -> int:
+        from .config import AnalyzeConfig
+        from .options import ANALYSIS_OPTIONS
+        from .output import check_distinct_outputs, check_writable
+        from .pruning import PruneSettings
+
+        opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
+        if output is None and not opts["dry_run"]:
+            raise UsageError("give -o FILE for the pruned model (.pt, .pt2 or .onnx), or --dry-run to report only")
+        config = AnalyzeConfig.from_cli({**{o.name: o.default for o in ANALYSIS_OPTIONS},
+                                         **{k: v for k, v in opts.items() if k in {o.name for o in ANALYSIS_OPTIONS}}})
+        settings = PruneSettings(tolerance=opts["tolerance"], sites=tuple(opts["sites"] or ()),
+                                 include_rarely_active=opts["include_rarely_active"], dry_run=opts["dry_run"],
+                                 output_suffix=None if output is None else output.suffix.lower())
+        targets = {"-o": None if opts["dry_run"] else output, "--report": report_file}
+        for target in targets.values():
+            if target is not None:
+                check_writable(target)
+        check_distinct_outputs(targets, {"the model": model, "--data": opts["data"], "--arch": opts["arch"]})
+        timeout = opts["timeout"]
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
+        from .pruning import run_prune
+
+        result = in_worker(lambda: run_prune(model, opts["data"], config, settings), timeout)
+        from .present.prune import emit_prune
+
+        return emit_prune(result, opts["output_format"], model_file=targets["-o"], report_file=report_file,
+                          quiet=quiet, err=err_console)
+
+    run_guarded(body, debug)
 
 
 @app.command("diff", cls=_Command)

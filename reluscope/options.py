@@ -306,3 +306,28 @@ ANALYZE_OPTIONS: tuple[Option, ...] = (
 
 # The settings of one analysis: AnalyzeConfig's fields and the keywords of reluscope.analyze.
 ANALYSIS_OPTIONS: tuple[Option, ...] = tuple(o for o in ANALYZE_OPTIONS if o.analysis)
+
+# `reluscope prune`: the analysis options that choose the model, the data and how it is read, then its own.
+_PRUNE_SHARED = ("data", "arch", "input_shape", "normalize", "batch_size", "max_samples", "max_length", "device",
+                 "unit_axis", "rare_threshold", "trust_checkpoint")
+_PRUNE_REPORTING = ("output_format", "timeout", "config_file", "no_config", "quiet", "debug")
+_BY_NAME = {o.name: o for o in ANALYZE_OPTIONS}
+PRUNE_OPTIONS: tuple[Option, ...] = (
+    *(_BY_NAME[name] for name in _PRUNE_SHARED),
+    Option("output", None, Optional[Path], ("--output", "-o"), "Write the pruned model to FILE, atomically and "
+           "only when the verification passes: .pt (the whole pickled module; load it with --trust-checkpoint), "
+           ".pt2 (torch.export) or .onnx. The suffix sets the format.", None, analysis=False),
+    Option("report", None, Optional[Path], ("--report",), "Write the prune report (in --format) to FILE instead "
+           "of stdout.", None, analysis=False, metavar="FILE"),
+    Option("tolerance", 1e-5, float, ("--tolerance",), "Largest output difference accepted, relative to the output "
+           "scale (max |original - pruned| / max |original| on the calibration data); above it: exit 1, nothing "
+           "written.", None, analysis=False),
+    Option("sites", None, Optional[List[str]], ("--sites",), "Prune only at sites whose name matches GLOB "
+           "(fnmatch; repeatable). Units coupled to a site left out stay.", None, analysis=False, metavar="GLOB"),
+    Option("include_rarely_active", False, bool, ("--include-rarely-active",), "Also remove rarely active units "
+           "(not exact: each group of them stays unless the outputs stay within --tolerance).", None,
+           analysis=False),
+    Option("dry_run", False, bool, ("--dry-run",), "Report what would be removed; write no model.", None,
+           analysis=False),
+    *(_BY_NAME[name] for name in _PRUNE_REPORTING),
+)

@@ -137,7 +137,7 @@ def _umask() -> int:
     return mask
 
 
-def _write_stream(path: Path, text: str) -> None:
+def _write_stream(path: Path, text: str | bytes) -> None:
     """Write into a device, FIFO or standard stream: never create, truncate or replace it."""
     flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
     try:
@@ -154,7 +154,7 @@ def _write_stream(path: Path, text: str) -> None:
         os.set_blocking(fd, True)
         if stat.S_ISREG(st.st_mode):  # /dev/stdout redirected to a file: add to its end
             os.lseek(fd, 0, os.SEEK_END)
-        data = text.encode("utf-8")
+        data = text.encode("utf-8") if isinstance(text, str) else text
         while data:
             written = os.write(fd, data)
             data = data[written:]
@@ -217,8 +217,8 @@ def handling_signals() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _stage(path: Path, text: str, kind: str) -> str:
-    """The whole text in a hidden temporary file beside `path`, synced to disk; its name."""
+def _stage(path: Path, text: str | bytes, kind: str) -> str:
+    """The whole text (or bytes) in a hidden temporary file beside `path`, synced to disk; its name."""
     parent = path.parent if str(path.parent) else Path(".")
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode) if kind == "file" else 0o666 & ~_umask()
@@ -229,7 +229,7 @@ def _stage(path: Path, text: str, kind: str) -> str:
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as handle:
             handle.write(text)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
@@ -279,8 +279,8 @@ def _commit(staged: Sequence[tuple[str, Path]]) -> None:
                 Path(backup).unlink(missing_ok=True)
 
 
-def write_together(outputs: Sequence[tuple[Path, str]]) -> None:
-    """Write each (path, text): files land all together or none does (see the module's doc);
+def write_together(outputs: Sequence[tuple[Path, str | bytes]]) -> None:
+    """Write each (path, text or bytes): files land all together or none does (see the module's doc);
     devices, FIFOs and standard streams are written after the files, as streams."""
     for path, _ in outputs:
         check_writable(path)

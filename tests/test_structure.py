@@ -159,7 +159,7 @@ LAYERS = [
     {"reluscope.run"},
     {"reluscope.backends"},
     {"reluscope.metrics", "reluscope.report", "reluscope.schema"},
-    {"reluscope.api", "reluscope.gate", "reluscope.diff"},
+    {"reluscope.api", "reluscope.gate", "reluscope.diff", "reluscope.pruning"},
     {"reluscope.present"},
     {"reluscope.cli", "reluscope.__main__"},
 ]

@@ -52,7 +52,9 @@ class PruneRequest:
     candidates: dict[str, list[int]]  # site name -> units to remove (dead, or rarely active when asked)
     batches: list["Batch"]  # the calibration data, held in memory: every pass of the prune reads it again
     tolerance: float  # largest relative output difference (measure.outputs.OutputCheck.relative) accepted
-    device: str = "cpu"
+    # the candidates that are rarely active, not dead (--include-rarely-active): not exact, so the
+    # verification decides; consumers get the unit's mean instead of its constant
+    rarely_active: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

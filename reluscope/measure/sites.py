@@ -76,6 +76,17 @@ def clamped(high: float | None, *, inplace: bool = False) -> Activation:
 
 FLOAT32_MAX = 3.4028234e38
 
+
+def hard_zero_label(op: str) -> bool:
+    """Whether a report's `op` label is an activation whose inactive outputs are exactly 0 (a dead unit there
+    outputs 0 on every sample, so removing it changes nothing downstream)."""
+    if op in ("relu6", "clamp"):  # the labels clamped() gives
+        return True
+    try:
+        return activation(op).hard_zero
+    except ValueError:  # labels only some formats have (thresholded_relu)
+        return False
+
 # Ops that keep the unit layout of their input: an activation after them has the same unit
 # axis as the layer that produced their input (BatchNorm after a conv, a bias add, dropout).
 PASSTHROUGH_OPS = frozenset(

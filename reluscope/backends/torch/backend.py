@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from ...distributed import World, init, shutdown, world_from_env
-from ...errors import InputError, ModelRunError, ReluscopeError, first_line
+from ...errors import InputError, ModelRunError, ReluscopeError, UsageError, first_line
 from ...measure.recorder import SiteRecorder
 from ...measure.reductions import NonfinitePolicy
 from ...run import Run
-from ..base import Backend, LoadedModel, Measurement
+from ..base import Backend, LoadedModel, Measurement, PruneRequest, Pruning
 from .capture import TorchCapture
 from .session import TorchSession
 from .torchscript import ScriptCapture
@@ -41,6 +41,26 @@ class TorchBackend(Backend):
         """A module handed in through the API (it goes back as it came)."""
         kind = "torchscript" if isinstance(module, torch.jit.ScriptModule) else "torch-module"
         return cls(LoadedModel(module, kind), **options)
+
+    def prune(self, request: PruneRequest) -> Pruning:
+        from .prune import prune_module
+
+        module = self.loaded.module
+        if isinstance(module, torch.jit.ScriptModule) or self.loaded.format == "torch-export":
+            what = "TorchScript" if isinstance(module, torch.jit.ScriptModule) else "torch.export (.pt2)"
+            raise UsageError(f"reluscope prune cannot prune a {what} model: its layers are compiled into a graph; "
+                             "prune the PyTorch model it came from (a state_dict with --arch), or its ONNX export")
+        return prune_module(module, request)
+
+    def cost(self, model: Any, batch: Any) -> dict[str, Any]:
+        from .prune import cost
+
+        return cost(model, batch)
+
+    def serialize(self, model: Any, suffix: str, batch: Any) -> bytes:
+        from .prune import serialize
+
+        return serialize(model, suffix, batch)
 
     def measure(self, run: Run) -> Measurement:
         config = run.config

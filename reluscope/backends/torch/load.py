@@ -259,8 +259,56 @@ def load_state_dict_file(path: Path, obj: Any, *, arch: str | None, kind: str = 
     if equal:
         loaded.notes.append(f"{path} holds several weight sets that fit the --arch model ({', '.join([best.where, *equal])}); "
                             f"analysing {best.where}")
+    if isinstance(obj, Mapping) and PRUNED_KEY in obj:
+        adopt_pruned_shapes(model, best.weights)
     _load_weights(model, best, path)
     return loaded
+
+
+# The key `reluscope prune -o FILE.pt` marks its state_dicts with (its value: the version that pruned it).
+PRUNED_KEY = "reluscope_pruned"
+
+
+def adopt_pruned_shapes(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Resize `model`'s layers to the shapes of a pruned state_dict of the same architecture: each tensor
+    takes the saved shape, and the layer's size attributes follow (so its forward and repr agree)."""
+    owners = dict(model.named_modules())
+    for key, value in weights.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = owners.get(owner_name)
+        current = getattr(owner, attr, None) if owner is not None else None
+        if not isinstance(current, torch.Tensor) or tuple(current.shape) == tuple(value.shape):
+            continue
+        fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
+        else:
+            setattr(owner, attr, fresh)
+    for module in model.modules():
+        _sizes_from_weights(module)
+
+
+def _sizes_from_weights(module: nn.Module) -> None:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        first, second = weight.shape[0], weight.shape[1]
+        if module.transposed:  # [in, out / groups, ...]
+            if depthwise:
+                module.groups = first
+            module.in_channels, module.out_channels = first, second * module.groups
+        else:  # [out, in / groups, ...]
+            if depthwise:
+                module.groups = first
+            module.out_channels, module.in_channels = first, second * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        sized = weight if weight is not None else getattr(module, "running_mean", None)
+        if sized is not None:
+            module.num_features = sized.shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
 
 
 # Where training code keeps its weights, most usual first: breaks ties between weight sets that fit
