@@ -320,7 +320,7 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
     Option("report", None, Optional[Path], ("--report",), "Write the prune report (in --format) to FILE instead "
            "of stdout.", None, analysis=False, metavar="FILE"),
     Option("tolerance", 1e-5, float, ("--tolerance",), "Largest output difference accepted, relative to the output "
-           "scale (max |original - pruned| / max |original| on the calibration data); above it: exit 1, nothing "
+           "scale (max |original - pruned| / max |original| on the calibration data); above it: exit 1, no model "
            "written.", None, analysis=False),
     Option("sites", None, Optional[List[str]], ("--sites",), "Prune only at sites whose name matches GLOB "
            "(fnmatch; repeatable). Units coupled to a site left out stay.", None, analysis=False, metavar="GLOB"),

@@ -56,7 +56,7 @@ def verdict(document: Mapping[str, Any]) -> str:
     figure = check.get("mismatch") or f"max relative output difference {check['relative_diff']:.3g}"
     if not check["passed"]:
         return (f"verification failed: {figure} on {check['samples']} samples, above --tolerance "
-                f"{check['tolerance']:g}; nothing was written")
+                f"{check['tolerance']:g}; the pruned model was not written")
     removed = f"removed {summary['removed_units']} of {summary['candidates']} candidate units" \
         if summary["candidates"] else "nothing to remove: the model is unchanged"
     where = f"; written to {output['path']}" if output.get("written") else \

@@ -44,6 +44,7 @@ from .inputs import input_caster
 from .load import PRUNED_KEY
 
 _CPU = torch.device("cpu")
+_PER_UNIT = (nn.modules.batchnorm._BatchNorm, nn.PReLU)  # one parameter per unit: sliced with it
 _NORMS_OVER_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
@@ -178,6 +179,13 @@ class _Plan:
         self.kept.setdefault(site, {}).setdefault(unit, reason)
 
 
+def _depthwise(module: Any) -> bool:
+    """A depthwise convolution maps unit i to unit i: its units are coupled to its input's, and the coupled
+    site after it decides."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and \
+        module.groups == module.in_channels == module.out_channels
+
+
 def _traced_op(module: Any) -> bool:
     """An op the graph made up for a function call (add, view, cat, a weight's transpose): it passes
     channels through, it has nothing to fold into."""
@@ -239,8 +247,9 @@ def _plan(traced: _Traced, candidates: dict[str, list[int]], inputs: dict[str, _
                 drop(todo, f"feeds {type(module).__name__} {_layer_name(traced, module)}, which normalizes across "
                            "units")
                 continue
-            if not graph.is_in_channel_pruning_fn(handler) or _traced_op(module):
-                continue
+            if not graph.is_in_channel_pruning_fn(handler) or _traced_op(module) or isinstance(module, _PER_UNIT) \
+                    or _depthwise(module):
+                continue  # producers, ops that pass units through, per-unit layers: sliced along, nothing lost
             layer = _layer_name(traced, module)
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 drop(todo, f"feeds {type(module).__name__} {layer}, whose inputs reluscope cannot fold")
