@@ -390,6 +390,7 @@ def diff_command(
 @app.command("schema", cls=_Command)
 def schema_command(
     diff: bool = typer.Option(False, "--diff", help="The schema of `reluscope diff -f json` instead."),
+    prune: bool = typer.Option(False, "--prune", help="The schema of `reluscope prune -f json` instead."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it to FILE (atomically)."),
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the JSON report."""
@@ -398,7 +399,9 @@ def schema_command(
         from .output import emit
         from .schema import schema_json
 
-        emit(schema_json(diff=diff), output)
+        if diff and prune:
+            raise UsageError("--diff and --prune exclude each other: one schema at a time")
+        emit(schema_json(diff=diff, prune=prune), output)
         return EXIT_OK
 
     run_guarded(body, False)

@@ -18,6 +18,7 @@ from .report import SCHEMA_VERSION
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 REPORT_ID = f"https://reluscope.dev/schema/report-v{SCHEMA_VERSION}.json"
 DIFF_ID = f"https://reluscope.dev/schema/diff-v{SCHEMA_VERSION}.json"
+PRUNE_ID = f"https://reluscope.dev/schema/prune-v{SCHEMA_VERSION}.json"
 
 MODEL_FORMATS = ["torch-state-dict", "torchscript", "torch-export", "torch-pickle", "torch-module", "onnx", "huggingface"]
 
@@ -258,5 +259,73 @@ def diff_schema() -> dict[str, Any]:
     }
 
 
-def schema_json(diff: bool = False) -> str:
-    return json.dumps(diff_schema() if diff else report_schema(), indent=2)
+_COST = {"type": "object", "required": ["parameters", "macs", "latency_ms"],
+         "properties": {"parameters": _COUNT, "macs": _COUNT, "latency_ms": _NONNEG}}
+
+
+def prune_schema() -> dict[str, Any]:
+    """The JSON Schema of `reluscope prune -f json` output."""
+    unit_list = {"$ref": "#/$defs/unit_list"}
+    summary_counts = ["sites", "units_before", "units_after", "candidates", "removed_units", "kept_units",
+                      "parameters_before", "macs_before"]
+    after = ["parameters_after", "macs_after"]
+    ratios = ["parameters_ratio", "macs_ratio", "latency_ratio"]
+    return {
+        "$schema": DRAFT,
+        "$id": PRUNE_ID,
+        "title": "reluscope prune",
+        "description": "What `reluscope prune` removed from a model: per site the units before and after, the units "
+                       "removed and those kept with the reason; parameters, multiply-accumulates per sample and CPU "
+                       "latency before and after (after: null when the verification failed); the verification of "
+                       "the pruned outputs against the original's on the calibration data.",
+        "type": "object",
+        "required": ["schema_version", "kind", "tool", "model", "data", "run", "sites", "summary", "verification",
+                     "output", "warnings", "passed"],
+        "properties": {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "kind": {"const": "prune"},
+            "tool": {"type": "object", "required": ["name", "version"],
+                     "properties": {"name": {"const": "reluscope"}, "version": _NAME}},
+            "model": {"type": "object"},
+            "data": {"type": "object"},
+            "run": {"type": "object", "required": ["tolerance", "sites", "include_rarely_active"],
+                    "properties": {"tolerance": _NONNEG, "sites": {"type": "array", "items": _TEXT},
+                                   "include_rarely_active": {"type": "boolean"}}},
+            "sites": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "op", "units_before", "units_after", "dead_units", "candidates",
+                             "rarely_active_candidates", "removed_units", "kept_units"],
+                "properties": {
+                    "name": _NAME, "op": _NAME, "units_before": _COUNT, "units_after": _COUNT,
+                    "dead_units": unit_list, "candidates": unit_list, "rarely_active_candidates": unit_list,
+                    "removed_units": unit_list,
+                    "kept_units": {"type": "array", "items": {
+                        "type": "object", "required": ["unit", "reason"],
+                        "properties": {"unit": _COUNT, "reason": _NAME}}},
+                }}},
+            "summary": {
+                "type": "object", "required": summary_counts + after + ratios + ["latency_ms_before", "latency_ms_after"],
+                "properties": {**{key: _COUNT for key in summary_counts}, **{key: _nullable(_COUNT) for key in after},
+                               **{key: _nullable(_NONNEG) for key in ratios},
+                               "latency_ms_before": _NONNEG, "latency_ms_after": _nullable(_NONNEG)},
+            },
+            "verification": {
+                "type": "object",
+                "required": ["samples", "max_abs_diff", "output_scale", "relative_diff", "tolerance", "passed"],
+                "properties": {"samples": _COUNT, "max_abs_diff": _NONNEG, "output_scale": _NONNEG,
+                               "relative_diff": _nullable(_NONNEG), "tolerance": _NONNEG,
+                               "passed": {"type": "boolean"}, "mismatch": _TEXT},
+            },
+            "output": {"type": "object", "required": ["path", "format", "written", "dry_run"],
+                       "properties": {"path": _nullable(_TEXT), "format": _nullable({"enum": [".pt", ".pt2", ".onnx"]}),
+                                      "written": {"type": "boolean"}, "dry_run": {"type": "boolean"}}},
+            "warnings": {"type": "array", "items": _TEXT},
+            "unanalysed": {"type": "array", "items": {"type": "object"}},
+            "passed": {"type": "boolean"},
+        },
+        "$defs": {"unit_list": _DEFS["unit_list"]},
+    }
+
+
+def schema_json(diff: bool = False, prune: bool = False) -> str:
+    return json.dumps(prune_schema() if prune else diff_schema() if diff else report_schema(), indent=2)

@@ -191,10 +191,18 @@ def build(arch_file: Path, factory: str, folder: Path, setup: Any = None) -> tup
     return model, path
 
 
+SCHEMA = json.loads(invoke("schema", "--prune").stdout)
+
+
 def prune_json(model: Path, arch: str, *extra: Any) -> tuple[int, dict[str, Any]]:
+    """`reluscope prune -f json`: its exit code and its report, which must fit `reluscope schema --prune`."""
+    from jsonschema import Draft202012Validator
+
     result = invoke("prune", model, "--arch", arch, "--data", CALIB, "-f", "json", "-q", *extra)
     assert result.exit_code in (0, 1), result.output
-    return result.exit_code, json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    Draft202012Validator(SCHEMA).validate(report)
+    return result.exit_code, report
 
 
 def sites(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
