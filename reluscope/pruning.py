@@ -90,6 +90,7 @@ def run_prune(model: Any, data: Any, config: AnalyzeConfig, settings: PruneSetti
 
     started = time.perf_counter()
     backend, source = open_analysis(model, data, config)
+    backend.check_prunable(settings.output_suffix)
     if not source.replayable:
         raise UsageError("reluscope prune reads the calibration data several times (analysis, folding, "
                          "verification); give arrays, a file or a list of batches, not a one-pass iterator")

@@ -354,6 +354,9 @@ CASES: dict[str, Case] = {
     "junit-is-output": Case(_nothing),
     "output-symlink": Case(lambda w: os.symlink("old.json", w / "latest.json")),
     "onnx-missing-input": Case(_write_two_input_onnx),
+    "prune-no-output": Case(_nothing),
+    "prune-suffix": Case(_nothing),
+    "prune-compiled": Case(_nothing),
     # names, writes, hung models, exit 3 -> exit 2, config files: built in test_outputs_hostile.py
     **{name: Case(setup, subprocess=real) for name, (setup, real) in EXTRA_CASES.items()},
     # sizes checked before allocating, casts that lose range: built in test_resources.py

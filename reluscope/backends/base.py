@@ -104,14 +104,18 @@ class Backend(abc.ABC):
     def measure(self, run: "Run") -> Measurement:
         """Stream `run`'s batches through the model and return the sites' accumulators."""
 
-    # pruning (reluscope prune): a backend that cannot prune says so in one line
-    def prune(self, request: PruneRequest) -> Pruning:
-        """Remove `request.candidates` from a copy of the model, folding what they fed into the consumers'
-        biases, keeping coupled units that are not removable everywhere, and verifying the outputs."""
+    # pruning (reluscope prune): a backend that cannot prune says so in one line, before any analysis
+    def check_prunable(self, suffix: str | None) -> None:
+        """Raise a UsageError when this model cannot be pruned, or not written as a `suffix` file."""
         from ..errors import UsageError
 
         raise UsageError(f"reluscope prune cannot prune a {self.loaded.format} model; give a PyTorch state_dict "
                          "with --arch, a trusted pickled module, or an ONNX file")
+
+    def prune(self, request: PruneRequest) -> Pruning:
+        """Remove `request.candidates` from a copy of the model, folding what they fed into the consumers'
+        biases, keeping coupled units that are not removable everywhere, and verifying the outputs."""
+        raise NotImplementedError
 
     def cost(self, model: Any, batch: "Batch") -> dict[str, Any]:
         """{"parameters", "macs", "latency_ms"} of `model` (this backend's kind) on one calibration batch, on CPU."""

@@ -42,15 +42,17 @@ class TorchBackend(Backend):
         kind = "torchscript" if isinstance(module, torch.jit.ScriptModule) else "torch-module"
         return cls(LoadedModel(module, kind), **options)
 
-    def prune(self, request: PruneRequest) -> Pruning:
-        from .prune import prune_module
-
+    def check_prunable(self, suffix: str | None) -> None:
         module = self.loaded.module
         if isinstance(module, torch.jit.ScriptModule) or self.loaded.format == "torch-export":
             what = "TorchScript" if isinstance(module, torch.jit.ScriptModule) else "torch.export (.pt2)"
             raise UsageError(f"reluscope prune cannot prune a {what} model: its layers are compiled into a graph; "
                              "prune the PyTorch model it came from (a state_dict with --arch), or its ONNX export")
-        return prune_module(module, request)
+
+    def prune(self, request: PruneRequest) -> Pruning:
+        from .prune import prune_module
+
+        return prune_module(self.loaded.module, request)
 
     def cost(self, model: Any, batch: Any) -> dict[str, Any]:
         from .prune import cost
