@@ -308,3 +308,90 @@ def test_a_softmax_over_the_units_blocks_them(tmp_path: Path) -> None:
     _, result, candidates = prune(path, data((20, 4)))
     assert candidates == {"act": [1]}
     assert result.kept["act"][1] == "reaches Softmax node 'sm', which reluscope cannot prune through"
+
+
+class Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features): exported as MatMul + Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act = nn.Linear(4, 6), nn.ReLU()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)) + 0.5)
+
+
+def test_matmul_with_a_bias_add_on_token_features(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    model = Tokens()
+    kill(model.fc1, [0, 3])
+    path = export(model, torch.randn(2, 5, 4), tmp_path / "tokens.onnx")
+    x = data((20, 5, 4))
+    backend, result, candidates = prune(path, x)
+    assert candidates == {"act": [0, 3]}
+    assert result.removed == candidates, result.kept
+    assert "MatMul" in {n.op_type for n in result.model.graph.node}
+    # the +0.5 reaches fc2 as a constant: folded into fc2's bias
+    assert_same_outputs(backend.loaded.module, result.model, x, data((4, 5, 4), seed=8) * 4)
+
+
+def test_matmul_without_bias_gets_an_add_for_the_folded_constant(tmp_path: Path) -> None:
+    """Built with onnx.helper: MatMul + Add -> Relu -> Add 0.5 -> MatMul (no bias)."""
+    rng = np.random.default_rng(1)
+    w1, b1 = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    w1[:, 2], b1[2] = 0, DEAD
+    w2 = rng.standard_normal((5, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+         helper.make_node("Relu", ["hb"], ["r"], name="act"),
+         helper.make_node("Add", ["r", "half"], ["s"], name="shift"),
+         helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.full(5, 0.5, dtype=np.float32), "half")])
+    path = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = data((24, 4))
+    backend, result, candidates = prune(path, x)
+    assert 2 in candidates["act"] and result.removed == candidates
+    assert [n.op_type for n in result.model.graph.node].count("Add") == 3
+    assert_same_outputs(backend.loaded.module, result.model, x)
+
+
+class Mixed(nn.Module):
+    """A dead ReLU unit added to a conv output that has no activation: the sum still varies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.relu = nn.Conv2d(3, 4, 1), nn.ReLU()
+        self.b = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.a(x)) + self.b(x))
+
+
+def test_a_unit_that_feeds_a_varying_value_stays(tmp_path: Path) -> None:
+    torch.manual_seed(8)
+    model = Mixed()
+    kill(model.a, [1])
+    path = export(model, torch.randn(2, 3, 4, 4), tmp_path / "mixed.onnx")
+    x = data((16 + 8, 3, 4, 4))
+    backend, result, candidates = prune(path, x)
+    assert candidates == {"relu": [1]}
+    assert result.removed == {"relu": []}
+    reason = result.kept["relu"][1]
+    assert reason.startswith("feeds Conv node") and "through Add node" in reason and reason.endswith("varying value")
+    assert result.model.SerializeToString() == backend.loaded.module.SerializeToString()
+
+
+def test_unknown_site_names_are_an_input_error(tmp_path: Path) -> None:
+    from reluscope.errors import InputError
+
+    torch.manual_seed(9)
+    path = export(MLP(), torch.randn(2, 6), tmp_path / "mlp.onnx")
+    with pytest.raises(InputError, match="has no site 'nope'"):
+        prune(path, data((20, 6)), candidates={"nope": [1]})
