@@ -265,6 +265,8 @@ def _try(base: onnx.ModelProto, channels: ChannelGraph, ledger: _Ledger, roots: 
 
 
 def prune_onnx(loaded: LoadedModel, request: PruneRequest) -> Pruning:
+    if not request.batches:
+        raise UsageError("reluscope prune needs calibration data to verify the pruned model; give --data")
     base, weights_folder = working_copy(loaded.module, loaded.path)
     if weights_folder is not None:
         raise UsageError("reluscope prune cannot prune an ONNX model over 2 GB (protobuf's limit for one file); "
