@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ...errors import UsageError
 from ...measure.recorder import SiteRecorder
 from ...run import Run
-from ..base import Backend, Measurement
+from ..base import Backend, Measurement, Pruning, PruneRequest
 from .session import OnnxCapture
+
+if TYPE_CHECKING:
+    from ...data import Batch
 
 GRADIENTS_UNAVAILABLE = ("gradient flow needs the PyTorch model: ONNX graphs are analysed with onnxruntime, which "
                          "has no backward pass; analyse the .pt/.pt2/TorchScript file with --gradients")
@@ -56,3 +61,19 @@ class OnnxBackend(Backend):
                            run={"backend": self.name, "device": str(device), "processes": 1,
                                 "batch_size": config.batch_size},
                            gradient_flow=flow)
+
+    # pruning (reluscope prune) ----------------------------------------------
+    def prune(self, request: PruneRequest) -> Pruning:
+        from .prune import prune_onnx
+
+        return prune_onnx(self.loaded, request)
+
+    def cost(self, model: Any, batch: Batch) -> dict[str, Any]:
+        from .cost import cost
+
+        return cost(model, batch)
+
+    def serialize(self, model: Any, suffix: str, batch: Batch) -> bytes:
+        from .cost import serialize
+
+        return serialize(model, suffix)

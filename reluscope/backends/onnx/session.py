@@ -180,7 +180,7 @@ def _extend(model: onnx.ModelProto, sites: list[OnnxSite], recorder: SiteRecorde
     return plans
 
 
-def _providers(device: str) -> list[Any]:
+def providers_for(device: str) -> list[Any]:
     if not device.startswith("cuda"):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -190,7 +190,7 @@ def _providers(device: str) -> list[Any]:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def _working_copy(model: onnx.ModelProto, path: str | None) -> tuple[onnx.ModelProto, str | None]:
+def working_copy(model: onnx.ModelProto, path: str | None) -> tuple[onnx.ModelProto, str | None]:
     """A copy to extend, and the folder of its weights when they stay on disk."""
     # Summing tensor sizes is much cheaper than ModelProto.ByteSize() on a model with its weights.
     if sum(tensor.ByteSize() for tensor in model.graph.initializer) > PROTOBUF_LIMIT:
@@ -241,6 +241,89 @@ def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def open_session(model: onnx.ModelProto, providers: list[Any], weights_folder: str | None = None
+                 ) -> ort.InferenceSession:
+    """An onnxruntime session of `model` (its weights read from `weights_folder` where they stay on disk);
+    a model onnxruntime cannot load is an InputError."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION
+    options.log_severity_level = 4  # failures come back as exceptions; stderr stays ours
+    # Idle onnxruntime threads spin for a while after each run and starve the torch/numpy work that
+    # follows (benchmarks/README.md has the figures).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if weights_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_folder)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every load failure
+        raise InputError(f"onnxruntime cannot load the model: {first_line(exc)}; "
+                         "check that the installed onnxruntime supports its opset and operators") from exc
+
+
+def graph_feeds(inputs: tuple[Any, ...] | dict[str, Any], graph_inputs: list[onnx.ValueInfoProto],
+                warn: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """Name -> array for the graph's true inputs (`true_inputs`), checked against and cast to what it
+    declares; `warn` hears about casts."""
+    names = [value.name for value in graph_inputs]
+    if isinstance(inputs, dict):
+        if sorted(inputs) != sorted(names):
+            raise InputError(f"the ONNX graph takes inputs {names}, the data gives {list(inputs)}; name the data's "
+                             "arrays after the graph's inputs")
+        given = [inputs[name] for name in names]
+    else:
+        if len(inputs) != len(names):
+            raise InputError(f"the ONNX graph takes {len(names)} input(s) {names}, the "
+                             f"data gives {len(inputs)}; pass one array per graph input")
+        given = list(inputs)
+    feeds = {}
+    for value, data in zip(graph_inputs, given):
+        array = _to_numpy(data)
+        dims = _dims(value)
+        if dims is not None and (array.ndim != len(dims) or any(
+                isinstance(d, int) and d != n for d, n in zip(dims[1:], array.shape[1:]))):
+            expected = "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+            raise InputError(f"ONNX input {value.name!r} expects shape {expected}, the data has "
+                             f"{tuple(array.shape)}; give data of the model's input shape")
+        want = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if array.dtype != want:
+            largest = _beyond_range(array, want)
+            if largest is not None:
+                warn(f"ONNX input {value.name!r} takes {want}; the data ({array.dtype}) holds values beyond "
+                     f"its range (largest magnitude {largest:.3g}): cast, they become inf")
+            if not (array.dtype == np.float64 and want == np.float32):  # numpy default, the usual graph: no news
+                warn(f"ONNX input {value.name!r} takes {want}, the data is {array.dtype}: cast")
+            with np.errstate(over="ignore", invalid="ignore"):
+                array = array.astype(want)
+        feeds[value.name] = array
+    return feeds
+
+
+def fixed_batch_chunks(feeds: dict[str, np.ndarray], graph_inputs: list[onnx.ValueInfoProto]
+                       ) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+    """(feed, real rows, rows fed): the whole batch, or chunks of the graph's fixed batch size with
+    the last one zero-padded."""
+    # rows from the first input with a batch axis (a scalar input, such as a sample rate, has none)
+    batched = [(value, feeds[value.name]) for value in graph_inputs if feeds[value.name].ndim]
+    rows = len(batched[0][1]) if batched else 0
+    dims = _dims(batched[0][0]) if batched else None
+    fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+    if fixed is None or rows == fixed:
+        yield feeds, rows, rows
+        return
+    for start in range(0, rows, fixed):
+        real = min(fixed, rows - start)
+        chunk = {}
+        for name, array in feeds.items():
+            if not array.ndim:
+                chunk[name] = array
+                continue
+            part = array[start:start + fixed]
+            if real < fixed:
+                part = np.concatenate([part, np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)])
+            chunk[name] = part
+        yield chunk, real, fixed
+
+
 class OnnxCapture(Session):
     """Context manager: while active, `run(inputs)` feeds every site of the graph into `recorder`."""
 
@@ -248,8 +331,8 @@ class OnnxCapture(Session):
                  path: str | None = None) -> None:
         self.recorder = recorder
         self.warnings: list[str] = []
-        self._providers = _providers(device)
-        self._model, self._weights_folder = _working_copy(model, path)
+        self._providers = providers_for(device)
+        self._model, self._weights_folder = working_copy(model, path)
         sites, self.unanalysed = find_sites(self._model)
         self._inputs = true_inputs(self._model.graph)
         self.input_names = [value.name for value in self._inputs]
@@ -264,21 +347,7 @@ class OnnxCapture(Session):
 
     # lifecycle -------------------------------------------------------------
     def __enter__(self) -> OnnxCapture:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = OPTIMIZATION
-        options.log_severity_level = 4  # failures come back as exceptions; stderr stays ours
-        # Idle onnxruntime threads spin for a while after each run and starve the torch/numpy work that
-        # follows (benchmarks/README.md has the figures).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self._weights_folder is not None:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             self._weights_folder)
-        try:
-            self._session = ort.InferenceSession(self._model.SerializeToString(), options,
-                                                 providers=self._providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every load failure
-            raise InputError(f"onnxruntime cannot load the model: {first_line(exc)}; "
-                             "check that the installed onnxruntime supports its opset and operators") from exc
+        self._session = open_session(self._model, self._providers, self._weights_folder)
         self._model = None  # the session holds the weights now
         return self
 
@@ -287,62 +356,10 @@ class OnnxCapture(Session):
 
     # inputs ----------------------------------------------------------------
     def _feeds(self, inputs: tuple[Any, ...] | dict[str, Any]) -> dict[str, np.ndarray]:
-        """Name -> array for the graph's true inputs, checked against and cast to what it declares."""
-        if isinstance(inputs, dict):
-            if sorted(inputs) != sorted(self.input_names):
-                raise InputError(f"the ONNX graph takes inputs {self.input_names}, the data gives {list(inputs)}; "
-                                 "name the data's arrays after the graph's inputs")
-            given = [inputs[name] for name in self.input_names]
-        else:
-            if len(inputs) != len(self.input_names):
-                raise InputError(f"the ONNX graph takes {len(self.input_names)} input(s) {self.input_names}, the "
-                                 f"data gives {len(inputs)}; pass one array per graph input")
-            given = list(inputs)
-        feeds = {}
-        for value, data in zip(self._inputs, given):
-            array = _to_numpy(data)
-            dims = _dims(value)
-            if dims is not None and (array.ndim != len(dims) or any(
-                    isinstance(d, int) and d != n for d, n in zip(dims[1:], array.shape[1:]))):
-                expected = "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
-                raise InputError(f"ONNX input {value.name!r} expects shape {expected}, the data has "
-                                 f"{tuple(array.shape)}; give data of the model's input shape")
-            want = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            if array.dtype != want:
-                largest = _beyond_range(array, want)
-                if largest is not None:
-                    self._warn(f"ONNX input {value.name!r} takes {want}; the data ({array.dtype}) holds values beyond "
-                               f"its range (largest magnitude {largest:.3g}): cast, they become inf")
-                if not (array.dtype == np.float64 and want == np.float32):  # numpy default, the usual graph: no news
-                    self._warn(f"ONNX input {value.name!r} takes {want}, the data is {array.dtype}: cast")
-                with np.errstate(over="ignore", invalid="ignore"):
-                    array = array.astype(want)
-            feeds[value.name] = array
-        return feeds
+        return graph_feeds(inputs, self._inputs, self._warn)
 
     def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
-        """(feed, real rows, rows fed): the whole batch, or chunks of the graph's fixed batch size with
-        the last one zero-padded."""
-        # rows from the first input with a batch axis (a scalar input, such as a sample rate, has none)
-        batched = [(value, feeds[value.name]) for value in self._inputs if feeds[value.name].ndim]
-        rows = len(batched[0][1]) if batched else 0
-        dims = _dims(batched[0][0]) if batched else None
-        fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
-        if fixed is None or rows == fixed:
-            yield feeds, rows, rows
-            return
-        for start in range(0, rows, fixed):
-            real = min(fixed, rows - start)
-            chunk = {}
-            for name, array in feeds.items():
-                if not array.ndim:
-                    chunk[name] = array
-                    continue
-                part = array[start:start + fixed]
-                if real < fixed:
-                    part = np.concatenate([part, np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)])
-                chunk[name] = part
-            yield chunk, real, fixed
+        return fixed_batch_chunks(feeds, self._inputs)
 
     # running ---------------------------------------------------------------
     def run(self, inputs: tuple[Any, ...] | dict[str, Any]) -> None:
