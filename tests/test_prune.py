@@ -351,23 +351,12 @@ def test_outputs_that_cannot_be_reproduced_fail_the_verification_and_nothing_is_
 
 
 # ----------------------------------------------------------------------------- options
-def test_sites_limits_the_prune_and_rarely_active_units_wait_for_the_verification(samples_dir: Path) -> None:
-    model, arch = samples_dir / "digits_mlp_dead.pt", arch_spec("digits_mlp")
-    _, only_act2 = prune_json(model, arch, "--dry-run", "--sites", "act2")
+def test_sites_limits_the_prune(samples_dir: Path) -> None:
+    _, only_act2 = prune_json(samples_dir / "digits_mlp_dead.pt", arch_spec("digits_mlp"), "--dry-run", "--sites",
+                              "act2")
     by_name = sites(only_act2)
     assert by_name["act1"]["removed_units"] == [] and by_name["act2"]["removed_units"]
-    assert only_act2["output"]["written"] is False
-
-    _, loose = prune_json(samples_dir / "digits_mlp.pt", arch, "--dry-run", "--include-rarely-active",
-                          "--tolerance", "1")
-    _, strict = prune_json(samples_dir / "digits_mlp.pt", arch, "--dry-run", "--include-rarely-active",
-                           "--tolerance", "1e-9")
-    rare = [unit for site in loose["sites"] for unit in site["rarely_active_candidates"]]
-    assert rare, "the trained MLP has rarely active units"
-    assert loose["summary"]["removed_units"] == loose["summary"]["candidates"]
-    strict_reasons = [item["reason"] for site in strict["sites"] for item in site["kept_units"]]
-    assert strict["verification"]["passed"] and strict["verification"]["relative_diff"] <= 1e-9
-    assert any("moves the outputs too far" in reason for reason in strict_reasons)
+    assert only_act2["output"]["written"] is False and only_act2["run"]["sites"] == ["act2"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -410,3 +399,60 @@ def test_the_table_says_what_was_removed_and_the_cost_before_and_after(samples_d
     assert result.exit_code == 0, result.output
     for word in ("pruned sites", "act1", "parameters", "MACs per sample", "CPU latency", "dry run, nothing written"):
         assert word in result.output
+
+
+# ----------------------------------------------------------------------------- ONNX, and PyTorch vs ONNX
+def test_the_dead_mlp_as_onnx_is_pruned_on_the_graph_and_keeps_its_outputs(tmp_path: Path,
+                                                                            samples_dir: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    source, target = samples_dir / "digits_mlp_dead.onnx", tmp_path / "small.onnx"
+    result = invoke("prune", source, "--data", CALIB, "-o", target, "-f", "json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["passed"] and report["verification"]["max_abs_diff"] <= 1e-6
+    assert report["summary"]["removed_units"] == report["summary"]["candidates"] > 64
+    onnx.checker.check_model(onnx.load(target))
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (source, target)]
+    for x in (calibration(), held_out_digits()):
+        want, got = (s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
+    assert report["summary"]["parameters_after"] == 5681  # as the PyTorch prune of the same weights
+
+
+@pytest.mark.parametrize("stem, factory", [("digits_mlp_dead", "digits_mlp"), ("digits_cnn", "digits_cnn"),
+                                           ("digits_mlp", "digits_mlp")])
+def test_pytorch_and_onnx_prunes_of_one_model_remove_the_same_units(samples_dir: Path, stem: str,
+                                                                     factory: str) -> None:
+    _, from_torch = prune_json(samples_dir / f"{stem}.pt", arch_spec(factory), "--dry-run")
+    result = invoke("prune", samples_dir / f"{stem}.onnx", "--data", CALIB, "--dry-run", "-f", "json", "-q")
+    assert result.exit_code == 0, result.output
+    from_onnx = json.loads(result.stdout)
+    counts = {name: (site["units_before"], site["units_after"]) for name, site in sites(from_torch).items()}
+    assert counts == {name: (site["units_before"], site["units_after"]) for name, site in sites(from_onnx).items()}
+    assert from_torch["summary"]["removed_units"] > 0
+
+
+@pytest.mark.parametrize("stem", ["digits_mlp.pt", "digits_mlp.onnx"])
+def test_rarely_active_units_go_only_while_the_outputs_stay_within_the_tolerance(samples_dir: Path,
+                                                                                stem: str) -> None:
+    args = ["prune", samples_dir / stem, "--data", CALIB, "--dry-run", "--include-rarely-active", "-f", "json",
+            "-q", *(["--arch", arch_spec("digits_mlp")] if stem.endswith(".pt") else [])]
+    loose = json.loads(invoke(*args, "--tolerance", "1").stdout)
+    strict = json.loads(invoke(*args, "--tolerance", "1e-9").stdout)
+    rare = [unit for site in loose["sites"] for unit in site["rarely_active_candidates"]]
+    assert rare, "the trained MLP has rarely active units"
+    assert loose["summary"]["removed_units"] == loose["summary"]["candidates"]
+    assert strict["verification"]["passed"] and strict["verification"]["relative_diff"] <= 1e-9
+    kept = {(site["name"], item["unit"]): item["reason"] for site in strict["sites"] for item in site["kept_units"]}
+    for site in strict["sites"]:
+        for unit in site["rarely_active_candidates"]:
+            assert "moves the outputs too far" in kept[(site["name"], unit)]
+
+
+def test_an_onnx_model_is_written_as_onnx_only_and_says_so_before_analysing(samples_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    result = invoke("prune", samples_dir / "digits_mlp_dead.onnx", "--data", CALIB, "-o", tmp_path / "small.pt")
+    assert result.exit_code == 2 and "a pruned ONNX model can only be written as .onnx" in result.output
+    assert list(tmp_path.iterdir()) == []

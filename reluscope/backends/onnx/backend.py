@@ -63,6 +63,12 @@ class OnnxBackend(Backend):
                            gradient_flow=flow)
 
     # pruning (reluscope prune) ----------------------------------------------
+    def check_prunable(self, suffix: str | None) -> None:
+        from .cost import check_suffix
+
+        if suffix is not None:
+            check_suffix(suffix)
+
     def prune(self, request: PruneRequest) -> Pruning:
         from .prune import prune_onnx
 

@@ -89,9 +89,14 @@ def cost(model: onnx.ModelProto, batch: Batch) -> dict[str, Any]:
     return {"parameters": parameters(model), "macs": counted, "latency_ms": seconds * 1000.0}
 
 
-def serialize(model: onnx.ModelProto, suffix: str) -> bytes:
+def check_suffix(suffix: str) -> None:
     if suffix.lower() != ".onnx":
-        raise UsageError(f"an ONNX model can only be written as .onnx (got {suffix or 'no suffix'})")
+        raise UsageError(f"a pruned ONNX model can only be written as .onnx (got {suffix or 'no suffix'}); give -o "
+                         "a .onnx file")
+
+
+def serialize(model: onnx.ModelProto, suffix: str) -> bytes:
+    check_suffix(suffix)
     if sum(tensor.ByteSize() for tensor in model.graph.initializer) > PROTOBUF_LIMIT:
         raise UsageError("the pruned ONNX model is over 2 GB, more than one .onnx file can hold (protobuf's limit); "
                          "prune the PyTorch model instead")

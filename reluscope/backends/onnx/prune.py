@@ -4,8 +4,10 @@ layers' biases, remove them from a copy, and verify the outputs with onnxruntime
 A unit goes only when it can go everywhere its channel reaches (its space, see channels.py):
 dead at every hard-zero site of the space, and constant at every layer that reads the space,
 so that its constant contribution can be folded into that layer's bias. The result is checked
-against the original on the calibration batches; when the whole removal misses the tolerance,
-spaces are applied one at a time and those that miss it alone stay.
+against the original on the calibration batches. Spaces whose removal is exact by construction
+go in together (a miss fails the prune); a space folding a constant into a zero-padded Conv,
+or removing rarely active units, is added on top one at a time and stays when it misses the
+tolerance (the same policy as the PyTorch backend).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Runner:
 
 
 def channel_ranges(runner: Runner, model: onnx.ModelProto, tensors: dict[str, int]) -> dict[str, tuple]:
-    """Per tensor (name -> channel axis): (min, max) per channel over every sample and position."""
+    """Per tensor (name -> channel axis): (min, max, mean) per channel over every sample and position."""
     if not tensors:
         return {}
     extended = onnx.ModelProto()
@@ -88,10 +90,12 @@ def channel_ranges(runner: Runner, model: onnx.ModelProto, tensors: dict[str, in
             axis = tensors[name]
             others = tuple(a for a in range(array.ndim) if a != axis)
             low, high = array.min(axis=others), array.max(axis=others)
+            total, count = array.sum(axis=others, dtype=np.float64), array.size // array.shape[axis]
             if name in ranges:
                 low, high = np.minimum(ranges[name][0], low), np.maximum(ranges[name][1], high)
-            ranges[name] = (low, high)
-    return ranges
+                total, count = ranges[name][2] + total, ranges[name][3] + count
+            ranges[name] = (low, high, total, count)
+    return {name: (low, high, total / max(count, 1)) for name, (low, high, total, count) in ranges.items()}
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -119,6 +123,7 @@ class _Ledger:
     removable: dict[int, list[int]] = field(default_factory=dict)  # space root -> units
     folds: dict[int, list[Fold]] = field(default_factory=dict)  # space root -> folds of its removable units
     padded: dict[int, str] = field(default_factory=dict)  # space root -> a padded Conv its folds are inexact at
+    rarely_active: set[int] = field(default_factory=set)  # space roots removing units that are not dead
     members: dict[int, list[tuple[OnnxSite, Segment]]] = field(default_factory=dict)  # space root -> sites
     candidates: dict[str, list[int]] = field(default_factory=dict)
     touched: set[int] = field(default_factory=set)  # space roots that hold candidates
@@ -200,9 +205,17 @@ def _coupling_reason(members: list[tuple[OnnxSite, Segment]], unit: int, candida
     return None
 
 
-def _fold_constants(channels: ChannelGraph, ledger: _Ledger, runner: Runner, model: onnx.ModelProto) -> None:
-    """Measure what each removable unit feeds its space's consumers; a unit that feeds any of them a
-    varying value stays, the others get their folds."""
+def _rare_in_space(ledger: _Ledger, root: int, unit: int, rare: dict[str, list[int]]) -> bool:
+    """Whether space unit `unit` is a rarely active (not dead) candidate at one of the space's sites."""
+    return any(set(unit_features(segment.start, segment.stride, [unit])) & set(rare.get(site.name, ()))
+               for site, segment in ledger.members.get(root, []))
+
+
+def _fold_constants(channels: ChannelGraph, ledger: _Ledger, runner: Runner, model: onnx.ModelProto,
+                    rare: dict[str, list[int]]) -> None:
+    """Measure what each removable unit feeds its space's consumers; a dead unit that feeds any of them a
+    varying value stays, the others get their folds. A rarely active unit (`rare`, not exact) folds its
+    mean instead, and its space is applied only if the verification holds."""
     graph = model.graph
     inputs = {}
     for root, units in ledger.removable.items():
@@ -215,9 +228,13 @@ def _fold_constants(channels: ChannelGraph, ledger: _Ledger, runner: Runner, mod
         folds, varying = [], set()
         for consumer in channels.spaces[root].consumers:
             node = graph.node[consumer.node]
-            low, high = ranges[consumer.tensor]
+            low, high, mean = ranges[consumer.tensor]
             for unit in units:
                 features = unit_features(consumer.start, consumer.stride, [unit])
+                if _rare_in_space(ledger, root, unit, rare):
+                    ledger.rarely_active.add(root)
+                    folds.append(Fold(consumer, unit, np.asarray(mean[features])))
+                    continue
                 if not np.array_equal(low[features], high[features]):
                     if unit not in varying:
                         source = producers.get(consumer.tensor)
@@ -293,25 +310,28 @@ def prune_onnx(loaded: LoadedModel, request: PruneRequest) -> Pruning:
     try:
         channels = ChannelGraph(base, inferred_shapes(base))
         ledger = _decide(channels, sites, candidates)
-        _fold_constants(channels, ledger, runner, base)
+        _fold_constants(channels, ledger, runner, base, request.rarely_active)
     except (KeyError, IndexError, ValueError, TypeError) as exc:
         raise InputError(f"reluscope cannot read the channels of this ONNX graph ({first_line(exc)}); check it with "
                          "onnx.checker or re-export it") from exc
     notes = list(runner.warnings)
     roots = [root for root, units in ledger.removable.items() if units]
+    # exact spaces go in together: a miss there means the graph was not read right, and the prune fails;
+    # the others (a fold at a padded Conv, rarely active units) one at a time, each only if it keeps the tolerance
+    sure = [root for root in roots if root not in ledger.padded and root not in ledger.rarely_active]
     model, check, applied = unchanged, None, []
-    if roots:
-        try:
-            model, check = _try(base, channels, ledger, roots, runner, reference)
-            applied = roots
-        except RemovalError:
-            check = None
-        if check is None or not check.passed(request.tolerance):
-            notes.append("the outputs missed the tolerance with every removal at once; the channel spaces were "
-                         "applied one at a time and those that missed it stay")
-            model, check, applied = _one_at_a_time(base, channels, ledger, roots, runner, reference, request.tolerance)
-    if model is None or check is None:
-        model, check = unchanged, compare((r, r, s) for r, (_, s) in zip(reference, runner.batches))
+    try:
+        model, check = _try(base, channels, ledger, sure, runner, reference) if sure else (unchanged, None)
+        applied = list(sure)
+    except RemovalError as exc:
+        for root in sure:
+            ledger.keep_space(root, ledger.removable[root], str(exc))
+    if check is None:
+        check = compare((r, r, s) for r, (_, s) in zip(reference, runner.batches))
+    if check.passed(request.tolerance):
+        tentative = [root for root in roots if root not in sure]
+        model, check, applied = _one_at_a_time(base, channels, ledger, tentative, runner, reference,
+                                               request.tolerance, model, check, applied)
     notes.extend(f"the constants folded into the padded convolution {ledger.padded[root]} are exact only away from "
                  "its borders; the outputs were verified within the tolerance" for root in applied if root in ledger.padded)
     return Pruning(model=model, removed=_removed(ledger, applied), kept=_kept(ledger, applied), check=check,
@@ -319,11 +339,10 @@ def prune_onnx(loaded: LoadedModel, request: PruneRequest) -> Pruning:
 
 
 def _one_at_a_time(base: onnx.ModelProto, channels: ChannelGraph, ledger: _Ledger, roots: list[int], runner: Runner,
-                   reference: list[list[np.ndarray]], tolerance: float
-                   ) -> tuple[onnx.ModelProto | None, OutputCheck | None, list[int]]:
-    """Apply the spaces in turn, each on top of those accepted so far; (model, check, spaces applied),
-    model None when none passed."""
-    model, check, applied = None, None, []
+                   reference: list[list[np.ndarray]], tolerance: float, model: onnx.ModelProto, check: OutputCheck,
+                   applied: list[int]) -> tuple[onnx.ModelProto, OutputCheck, list[int]]:
+    """Add the spaces `roots` in turn on top of `applied`, each only if the outputs stay within `tolerance`;
+    (model, check, spaces applied)."""
     for root in roots:
         try:
             candidate, result = _try(base, channels, ledger, applied + [root], runner, reference)
@@ -332,13 +351,14 @@ def _one_at_a_time(base: onnx.ModelProto, channels: ChannelGraph, ledger: _Ledge
             continue
         if result.passed(tolerance):
             model, check, applied = candidate, result, applied + [root]
-        elif root in ledger.padded:
-            ledger.keep_space(root, ledger.removable[root],
-                              f"folded constant at the padded convolution {ledger.padded[root]} is not exact at its "
-                              f"borders (relative difference {result.relative:.3g})")
+            continue
+        figure = result.mismatch or f"relative output difference {result.relative:.3g}"
+        if root in ledger.padded:
+            reason = (f"a constant folded into the zero-padded convolution {ledger.padded[root]} is not exact at its "
+                      f"borders ({figure}, above the tolerance {tolerance:g})")
         else:
-            ledger.keep_space(root, ledger.removable[root], f"verification failed: relative output difference "
-                                                            f"{result.relative:.3g} above the tolerance {tolerance:g}")
+            reason = f"not dead, and removing it moves the outputs too far ({figure}, above the tolerance {tolerance:g})"
+        ledger.keep_space(root, ledger.removable[root], reason)
     return model, check, applied
 
 
