@@ -7,8 +7,6 @@ ONNX backend, and compared with the original on the calibration data and on othe
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +23,9 @@ from reluscope.backends.base import PruneRequest
 from reluscope.data import Batch
 from reluscope.errors import UsageError
 
+from test_onnx import export
+
 DEAD = -100.0
-
-
-def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, external_data=False, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
-    return path
 
 
 def kill(layer: nn.Module, units: list[int]) -> None:

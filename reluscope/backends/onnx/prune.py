@@ -12,7 +12,6 @@ tolerance (the same policy as the PyTorch backend).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from ..base import LoadedModel, PruneRequest, Pruning
 from .channels import ChannelGraph, Segment, attribute, describe
 from .graph import OnnxSite, default_opset, find_sites, inline_constant_ifs, true_inputs
 from .removal import Fold, RemovalError, remove_units, unit_features
-from .session import fixed_batch_chunks, graph_feeds, open_session, working_copy
+from .session import fixed_batch_chunks, graph_feeds, infer_shapes, open_session, working_copy
 
 if TYPE_CHECKING:
     from ...data import Batch
@@ -100,15 +99,7 @@ def channel_ranges(runner: Runner, model: onnx.ModelProto, tensors: dict[str, in
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Tensor name -> dims (None where dynamic), from shape inference on a copy without large weights."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for tensor in skeleton.graph.initializer:
-        if math.prod(tensor.dims) > 1024:  # inference needs weights' shapes, not their values
-            tensor.ClearField("raw_data")
-    try:
-        skeleton = onnx.shape_inference.infer_shapes(skeleton)
-    except Exception:  # noqa: BLE001 - custom ops and odd graphs: keep what the file declares
-        pass
+    skeleton = infer_shapes(model) or model  # without inference: what the file declares
     graph = skeleton.graph
     return {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
             for value in [*graph.input, *graph.value_info, *graph.output] if value.type.tensor_type.HasField("shape")}

@@ -144,15 +144,22 @@ def _tensor_types(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, tup
     types = known(model)
     if all(types.get(name, (0, None))[1] is not None for name in names):
         return types  # exporters such as torch.onnx's dynamo path record every tensor's type
+    inferred = infer_shapes(model)
+    return types if inferred is None else known(inferred)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with onnx's shape inference applied, on a copy without its large weights' values (inference
+    needs their shapes only); None where inference fails (custom ops, odd graphs)."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for tensor in skeleton.graph.initializer:
-        if math.prod(tensor.dims) > 1024:  # inference needs weights' shapes, not their values
+        if math.prod(tensor.dims) > 1024:
             tensor.ClearField("raw_data")
     try:
-        return known(onnx.shape_inference.infer_shapes(skeleton))
-    except Exception:  # noqa: BLE001 - custom ops and odd graphs: keep what the file declares
-        return types
+        return onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # noqa: BLE001 - onnx raises several types for graphs it cannot infer
+        return None
 
 
 def _extend(model: onnx.ModelProto, sites: list[OnnxSite], recorder: SiteRecorder) -> list[_Plan]:
