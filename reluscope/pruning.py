@@ -64,7 +64,8 @@ class PruneResult:
 
 def candidates_of(layers: Sequence[dict[str, Any]], settings: PruneSettings
                   ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """(site -> units to remove, site -> those of them that are only rarely active), in report order."""
+    """(site -> units to remove, site -> those of them that are only rarely active), in report order. Every
+    selected hard-zero site is a key, also without candidates: a unit coupled to it must be a candidate there."""
     chosen: dict[str, list[int]] = {}
     rare: dict[str, list[int]] = {}
     for layer in layers:
@@ -77,8 +78,7 @@ def candidates_of(layers: Sequence[dict[str, Any]], settings: PruneSettings
         if settings.include_rarely_active:
             rare[name] = list(layer["rarely_active_units"])
             units += rare[name]
-        if units:
-            chosen[name] = sorted(units)
+        chosen[name] = sorted(units)
     return chosen, rare
 
 
@@ -137,7 +137,6 @@ def build_report(analysis: "Report", backend: "Backend", pruning: "Pruning", can
             "kept_units": [{"unit": unit, "reason": reason} for unit, reason in sorted(kept.items())],
         })
     before, after = cost["before"], cost["after"]
-    passed = pruning.check.passed(settings.tolerance)
     removed_total = sum(len(site["removed_units"]) for site in sites)
     warnings = list(analysis.warnings) + list(pruning.notes)
     if not any(candidates.values()):
@@ -175,7 +174,6 @@ def build_report(analysis: "Report", backend: "Backend", pruning: "Pruning", can
         "output": {"path": None, "format": settings.output_suffix, "written": False, "dry_run": settings.dry_run},
         "warnings": warnings,
         **({"unanalysed": analysis.unanalysed} if analysis.unanalysed else {}),
-        "passed": passed,
     }
 
 

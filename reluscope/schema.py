@@ -280,7 +280,7 @@ def prune_schema() -> dict[str, Any]:
                        "the pruned outputs against the original's on the calibration data.",
         "type": "object",
         "required": ["schema_version", "kind", "tool", "model", "data", "run", "sites", "summary", "verification",
-                     "output", "warnings", "passed"],
+                     "output", "warnings"],
         "properties": {
             "schema_version": {"const": SCHEMA_VERSION},
             "kind": {"const": "prune"},
@@ -321,7 +321,6 @@ def prune_schema() -> dict[str, Any]:
                                       "written": {"type": "boolean"}, "dry_run": {"type": "boolean"}}},
             "warnings": {"type": "array", "items": _TEXT},
             "unanalysed": {"type": "array", "items": {"type": "object"}},
-            "passed": {"type": "boolean"},
         },
         "$defs": {"unit_list": _DEFS["unit_list"]},
     }

@@ -304,6 +304,20 @@ def test_a_residual_unit_goes_only_when_dead_at_every_coupled_site(arch_file: Pa
     assert report["verification"]["max_abs_diff"] <= 1e-6 * report["verification"]["output_scale"]
 
 
+def test_a_unit_coupled_to_a_site_left_out_by_sites_stays(arch_file: Path, tmp_path: Path) -> None:
+    def setup(m: torch.nn.Module) -> None:
+        kill(m.stem, [2])
+        kill(m.conv2, [2], bias=-100.0)  # dead at relu0 and relu2
+
+    _, path = build(arch_file, "resnet_block", tmp_path, setup)
+    _, everywhere = prune_json(path, f"{arch_file}:resnet_block", "--dry-run")
+    assert sites(everywhere)["relu0"]["removed_units"] == [2]
+    _, only_relu0 = prune_json(path, f"{arch_file}:resnet_block", "--dry-run", "--sites", "relu0")
+    assert only_relu0["summary"]["removed_units"] == 0
+    assert sites(only_relu0)["relu0"]["kept_units"] == [
+        {"unit": 2, "reason": "coupled site relu2 is not pruned (not a hard-zero activation, or left out by --sites)"}]
+
+
 def test_a_depthwise_convolution_couples_its_input_and_output_units(arch_file: Path, tmp_path: Path) -> None:
     def setup(m: torch.nn.Module) -> None:
         kill(m.conv, [3, 6])  # dead at relu1

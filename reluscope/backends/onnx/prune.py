@@ -190,6 +190,8 @@ def _coupling_reason(members: list[tuple[OnnxSite, Segment]], unit: int, candida
         if not site.activation.hard_zero:
             return f"coupled site {site.name} is not a hard-zero activation"
     for site, segment in members:
+        if site.name not in candidates:
+            return f"coupled site {site.name} is not pruned (left out by --sites)"
         dead = set(candidates.get(site.name, []))
         if not set(unit_features(segment.start, segment.stride, [unit])) <= dead:
             return f"active at coupled site {site.name}"
@@ -291,10 +293,10 @@ def prune_onnx(loaded: LoadedModel, request: PruneRequest) -> Pruning:
                          "from a report of this model")
     runner = Runner(base, request.batches)
     reference = runner.outputs(base)
-    candidates = {name: sorted(set(int(u) for u in units)) for name, units in request.candidates.items() if units}
+    candidates = {name: sorted(set(int(u) for u in units)) for name, units in request.candidates.items()}
     unchanged = onnx.ModelProto()
     unchanged.CopyFrom(loaded.module)
-    if not candidates:
+    if not any(candidates.values()):
         return Pruning(model=unchanged, removed={}, kept={}, check=compare((r, r, s) for r, (_, s) in
                                                                              zip(reference, runner.batches)),
                        notes=list(runner.warnings))

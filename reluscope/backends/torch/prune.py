@@ -241,7 +241,7 @@ def _plan(traced: _Traced, candidates: dict[str, list[int]], inputs: dict[str, _
                 theirs = set(candidates.get(other, ()))
                 drop((root for unit, root in pairs if unit not in theirs),
                      f"active at coupled site {other}" if other in candidates else
-                     f"coupled site {other} is not pruned (not a selected hard-zero site)")
+                     f"coupled site {other} is not pruned (not a hard-zero activation, or left out by --sites)")
                 continue
             if isinstance(module, _NORMS_OVER_CHANNELS):
                 drop(todo, f"feeds {type(module).__name__} {_layer_name(traced, module)}, which normalizes across "
