@@ -300,8 +300,7 @@ def prune_command(
     """Remove the units that are dead on the calibration data (exactly 0 at a ReLU, ReLU6 or clamp) and
     write a smaller model with the same outputs, verified on that data.
 
-    Exit codes: 0 pruned (or nothing to prune), 1 the verification failed (nothing written), 2 bad usage or
-    input, 3 internal error.
+    Exit codes: 0 pruned, 1 verification failed (no model written), 2 bad usage or input, 3 internal error.
     """
     output, report_file, quiet, debug = options["output"], options["report"], options["quiet"], options["debug"]
 

@@ -315,8 +315,8 @@ _BY_NAME = {o.name: o for o in ANALYZE_OPTIONS}
 PRUNE_OPTIONS: tuple[Option, ...] = (
     *(_BY_NAME[name] for name in _PRUNE_SHARED),
     Option("output", None, Optional[Path], ("--output", "-o"), "Write the pruned model to FILE, atomically and "
-           "only when the verification passes: .pt (the whole pickled module; load it with --trust-checkpoint), "
-           ".pt2 (torch.export) or .onnx. The suffix sets the format.", None, analysis=False),
+           "only when the verification passes: .pt (the pruned state_dict; `reluscope analyze` with the same --arch "
+           "resizes the layers to it), .pt2 (torch.export) or .onnx. The suffix sets the format.", None, analysis=False),
     Option("report", None, Optional[Path], ("--report",), "Write the prune report (in --format) to FILE instead "
            "of stdout.", None, analysis=False, metavar="FILE"),
     Option("tolerance", 1e-5, float, ("--tolerance",), "Largest output difference accepted, relative to the output "

@@ -82,6 +82,23 @@ ARCHITECTURES = textwrap.dedent('''
             return self.head(torch.flatten(self.pw(x), 1))
 
 
+    class Branches(nn.Module):
+        """Two branches concatenated along the channels, then one convolution reads both."""
+
+        def __init__(self):
+            super().__init__()
+            self.left = nn.Conv2d(1, 4, 3)
+            self.left_relu = nn.ReLU()
+            self.right = nn.Conv2d(1, 6, 3)
+            self.right_relu = nn.ReLU()
+            self.mix = nn.Conv2d(10, 4, 1)
+            self.head = nn.Linear(4 * 36, 10)
+
+        def forward(self, x):
+            both = torch.cat([self.left_relu(self.left(x)), self.right_relu(self.right(x))], 1)
+            return self.head(torch.flatten(self.mix(both), 1))
+
+
     class Noisy(nn.Module):
         """Noise injected at inference (as MC dropout does): no two runs agree, so nothing can be verified."""
 
@@ -126,6 +143,10 @@ ARCHITECTURES = textwrap.dedent('''
 
     def noisy():
         return Noisy()
+
+
+    def branches():
+        return Branches()
 
 
     def healthy():
@@ -333,6 +354,21 @@ def test_a_depthwise_convolution_couples_its_input_and_output_units(arch_file: P
     pruned = torch.export.load(tmp_path / "dw.pt2").module()
     x = calibration()
     np.testing.assert_allclose(pruned(torch.from_numpy(x)).detach().numpy(), outputs(model, x), atol=1e-5)
+
+
+def test_concatenated_branches_lose_their_own_dead_units(arch_file: Path, tmp_path: Path) -> None:
+    def setup(m: torch.nn.Module) -> None:
+        kill(m.left, [1])
+        kill(m.right, [0, 4])
+
+    model, path = build(arch_file, "branches", tmp_path, setup)
+    _, report = prune_json(path, f"{arch_file}:branches", "--dry-run")
+    assert sites(report)["left_relu"]["removed_units"] == [1]
+    assert sites(report)["right_relu"]["removed_units"] == [0, 4]
+    pruned, _ = reluscope.prune(path, CALIB, arch=f"{arch_file}:branches")
+    assert pruned.mix.in_channels == 7
+    x = calibration()
+    np.testing.assert_allclose(outputs(pruned, x), outputs(model, x), atol=1e-5)
 
 
 def test_a_model_with_nothing_dead_is_left_unchanged_and_says_so(arch_file: Path, tmp_path: Path) -> None:

@@ -243,6 +243,10 @@ def _plan(traced: _Traced, candidates: dict[str, list[int]], inputs: dict[str, _
                      f"active at coupled site {other}" if other in candidates else
                      f"coupled site {other} is not pruned (not a hard-zero activation, or left out by --sites)")
                 continue
+            if isinstance(module, nn.Parameter):
+                drop(todo, "is read by a parameter outside any layer (e.g. a position embedding), which reluscope "
+                           "does not cut")
+                continue
             if isinstance(module, _NORMS_OVER_CHANNELS):
                 drop(todo, f"feeds {type(module).__name__} {_layer_name(traced, module)}, which normalizes across "
                            "units")
@@ -322,17 +326,27 @@ def _zero_padded(module: nn.Module) -> bool:
 
 
 def _apply(original: nn.Module, example: Any, groups: list[_Group], inputs: dict[str, _Channels]) -> nn.Module:
+    """A copy of `original` with `groups` removed.
+
+    Every group is taken from the unpruned graph and every layer is cut once, with the union of the
+    indices all groups give it: a layer read by two groups (the convolution after a concatenation)
+    would otherwise get stale offsets for the second group once the first had narrowed the concat."""
     model = copy.deepcopy(original).to(_CPU).eval()
     if not groups:
         return model
     traced = _trace(model, example)
     graph = traced.graph
+    cuts: dict[tuple[int, Any], tuple[Any, set[int]]] = {}  # (layer, pruning function) -> (dependency, indices)
     for planned in groups:
         node = traced.site_node[planned.site]
         group = graph.get_pruning_group(node.module, graph.get_pruner_of_module(node.module).prune_out_channels,
                                         planned.units)
-        _fold(traced, group, inputs)
-        group.prune(record_history=False)  # the history names the root layer; ours is an activation
+        _fold(traced, group, inputs)  # the folds read the unpruned weights, at the original indices
+        for item in group:
+            dep = item.dep
+            cuts.setdefault((id(dep.target.module), dep.handler), (dep, set()))[1].update(item.idxs)
+    for dep, indices in cuts.values():
+        dep(sorted(indices))
     return model
 
 
