@@ -506,3 +506,26 @@ def test_an_onnx_model_is_written_as_onnx_only_and_says_so_before_analysing(samp
     result = invoke("prune", samples_dir / "digits_mlp_dead.onnx", "--data", CALIB, "-o", tmp_path / "small.pt")
     assert result.exit_code == 2 and "a pruned ONNX model can only be written as .onnx" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "vgg", "squeeze_excite", "token_mlp", "conv1d",
+                                  "two_heads"])
+def test_common_architectures_prune_exactly_and_alike_in_pytorch_and_onnx(name: str, tmp_path: Path) -> None:
+    from prune_zoo import with_dead_units
+    from test_onnx import export
+
+    model, x = with_dead_units(name), calibration()
+    pruned, report = reluscope.prune(model, x)
+    assert report["verification"]["passed"] and report["summary"]["removed_units"] > 0
+    assert report["summary"]["parameters_after"] < report["summary"]["parameters_before"]
+    # on the calibration data: units that are dead there by chance (random weights) may fire on other digits
+    with torch.no_grad():
+        want, got = model(torch.from_numpy(x)), pruned(torch.from_numpy(x))
+    for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+    path = export(model, torch.from_numpy(x[:4]), tmp_path / f"{name}.onnx")
+    _, from_onnx = reluscope.prune(path, x)
+    assert from_onnx["verification"]["passed"]
+    assert {s["name"]: s["units_after"] for s in from_onnx["sites"]} == \
+        {s["name"]: s["units_after"] for s in report["sites"]}

@@ -27,6 +27,10 @@ _ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid",
                           "Identity", "Cast", "ThresholdedRelu", "Floor", "Ceil", "Round", "Reciprocal", "Sign"})
 # Pooling keeps the channel axis (1) and works on each channel alone.
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+# Reductions over the spatial axes only (AdaptiveAvgPool2d(1) and x.mean((2, 3)) export to ReduceMean) keep
+# each channel to itself, like a global pool.
+_REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+                      "ReduceProd", "ReduceSumSquare", "ReduceLogSum"})
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 _RESIDUAL = frozenset({"Add", "Sub", "Mul"})  # two computed operands that may join their spaces
 
@@ -193,6 +197,8 @@ class ChannelGraph:
             self._elementwise(node)
         elif op in _POOLS:
             self._pool(node)
+        elif op in _REDUCES:
+            self._reduce(node)
         elif op == "BatchNormalization":
             self._batch_norm(index, node)
         elif op in _BINARY or op == "PRelu":
@@ -304,6 +310,20 @@ class ChannelGraph:
         x = node.input[0]
         if self.axis[x] != 1 or any(s.stride != 1 for s in self.segments[x]):
             self._unsupported(node, " across a non-channel axis")
+            return
+        self._pass(node, x)
+
+    def _reduce(self, node: onnx.NodeProto) -> None:
+        """A reduction over spatial axes of an NCHW tensor: the channels stay on axis 1 (kept dims or not)."""
+        x = node.input[0]
+        rank = self.rank(x)
+        axes = attribute(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self._shape_constant(node.input[1])
+        spatial = rank is not None and axes is not None and len(axes) > 0 and \
+            all(2 <= (int(a) % rank) for a in axes)
+        if not spatial or self.axis[x] != 1 or any(s.stride != 1 for s in self.segments[x]):
+            self._unsupported(node, " over the channel axis (or over axes reluscope cannot tell)")
             return
         self._pass(node, x)
 
