@@ -47,12 +47,12 @@ TEXTS = [
 ]
 
 
-def build_hf_folder(folder: Path, *, tokenizer: bool = True, seed: int = 0) -> nn.Module:
+def build_hf_folder(folder: Path, *, tokenizer: bool = True, seed: int = 0, act: str = "gelu") -> nn.Module:
     """A tiny BERT with dead units planted, saved as save_pretrained does (config.json, model.safetensors,
     tokenizer files)."""
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, hidden_act="gelu",
+                                     num_attention_heads=2, intermediate_size=32, hidden_act=act,
                                      max_position_embeddings=64)
     model = transformers.BertModel(config).eval()
     with torch.no_grad():
@@ -255,3 +255,19 @@ def test_transformers_is_imported_only_for_a_folder(cli_env: dict[str, str]) -> 
             "print('LOADED', 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env, check=True)
     assert "LOADED False" in out.stdout
+
+
+def test_a_relu_transformer_folder_is_pruned_and_written_as_onnx(tmp_path: Path, texts_file: Path) -> None:
+    import onnxruntime as ort
+
+    folder = tmp_path / "relu-bert"
+    build_hf_folder(folder, act="relu")
+    target = tmp_path / "small.onnx"
+    result = _cli("prune", str(folder), "--data", str(texts_file), "-o", str(target), "-f", "json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    first = next(site for site in report["sites"] if site["name"].startswith("encoder.layer.0."))
+    assert set(DEAD) <= set(first["removed_units"]) and first["units_after"] == 32 - len(first["removed_units"])
+    assert report["verification"]["passed"] and report["verification"]["max_abs_diff"] <= 1e-5
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert {value.name for value in session.get_inputs()} >= {"input_ids", "attention_mask"}
