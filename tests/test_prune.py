@@ -529,3 +529,18 @@ def test_common_architectures_prune_exactly_and_alike_in_pytorch_and_onnx(name: 
     assert from_onnx["verification"]["passed"]
     assert {s["name"]: s["units_after"] for s in from_onnx["sites"]} == \
         {s["name"]: s["units_after"] for s in report["sites"]}
+
+
+def test_the_pruned_model_never_replaces_a_link_or_the_model_itself(samples_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    victim = tmp_path / "victim.onnx"
+    victim.write_bytes(b"keep me")
+    os.symlink(victim, tmp_path / "small.onnx")
+    base = ["prune", samples_dir / "digits_mlp_dead.onnx", "--data", CALIB]
+    linked = invoke(*base, "-o", tmp_path / "small.onnx")
+    assert linked.exit_code == 2 and "symbolic link" in linked.output and victim.read_bytes() == b"keep me"
+    itself = invoke(*base, "-o", samples_dir / "digits_mlp_dead.onnx")
+    assert itself.exit_code == 2 and "Traceback" not in itself.output
+    same = invoke(*base, "-o", tmp_path / "x.onnx", "--report", tmp_path / "x.onnx")
+    assert same.exit_code == 2 and not (tmp_path / "x.onnx").exists()
