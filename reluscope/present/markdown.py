@@ -31,13 +31,13 @@ _MARKUP = re.compile(r"([\\`*_\[\]<>!|~&:#@]|(?<=www)\.)", re.IGNORECASE)
 _TICKS = re.compile("`+")
 
 
-def _text(text: Any) -> str:
+def literal(text: Any) -> str:
     """Prose that may quote names from a file, as literal markdown text (safe in a table cell)."""
     value = _MARKUP.sub(r"\\\1", visible(text))
     return value.replace("@", "@\u200b").replace("#", "#\u200b")
 
 
-def _code(text: Any) -> str:
+def code_span(text: Any) -> str:
     """A name as a code span, safe in a table cell."""
     value = visible(text).replace("|", "\\|")
     longest = max((len(run) for run in _TICKS.findall(value)), default=0)
@@ -50,7 +50,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table_lines(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -62,11 +62,11 @@ def gates_markdown(gates: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for gate in gates:
         verdict = "✅ pass" if gate["passed"] else "❌ **fail**"
-        rows.append([verdict, _code(gate["rule"]), format_value(gate.get("value")),
-                     offender_list(gate.get("offenders") or [], show=_code)])
+        rows.append([verdict, code_span(gate["rule"]), format_value(gate.get("value")),
+                     offender_list(gate.get("offenders") or [], show=code_span)])
     failed, total = gates_verdict(gates)
     verdict_line = f"**{failed} of {total} gates failed.**" if failed else f"All {total} gates passed."
-    return ["#### Gates", "", *_table(["result", "rule", "value", "offending sites"], ["---", "---", "--:", "---"],
+    return ["#### Gates", "", *table_lines(["result", "rule", "value", "offending sites"], ["---", "---", "--:", "---"],
                                       rows), "", verdict_line]
 
 
@@ -76,12 +76,12 @@ def _sites_table(layers: Sequence[Mapping[str, Any]]) -> list[str]:
     align = ["---", "---", *("--:" for _ in columns)]
     rows = []
     for layer in layers:
-        row = [_code(layer["name"]), _code(layer["op"])]
+        row = [code_span(layer["name"]), code_span(layer["op"])]
         for column in columns:
             text = column.text(layer)
             row.append(f"**{text}**" if column.alarm(layer) else text)
         rows.append(row)
-    return _table(header, align, rows)
+    return table_lines(header, align, rows)
 
 
 def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
@@ -90,7 +90,7 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     model = report.get("model") or {}
     run = report.get("run") or {}
     data = report.get("data") or {}
-    lines = [f"### reluscope: {_code(model.get('path') or 'model')}", ""]
+    lines = [f"### reluscope: {code_span(model.get('path') or 'model')}", ""]
     headline = (f"**{s['layers']} sites, {s['units']} units: {s['dead_units']} dead "
                 f"({100 * s['dead_fraction']:.1f}%)**, {s.get('rarely_active_units', 0)} rarely active, "
                 f"mean zero fraction {100 * s['mean_zero_fraction']:.1f}%")
@@ -98,7 +98,7 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
         headline += f", **{s['nonfinite']} NaN/Inf outputs**"
     lines.append(headline)
     lines.append(f"<sub>{data.get('samples', '?')} samples{' (synthetic)' if data.get('synthetic') else ''} · "
-                 f"{_text(run.get('backend', '?'))} on {_text(run.get('device', '?'))} · {_text(model.get('format', '?'))}</sub>")
+                 f"{literal(run.get('backend', '?'))} on {literal(run.get('device', '?'))} · {literal(model.get('format', '?'))}</sub>")
     lines.append("")
 
     layers = list(report["layers"])
@@ -112,13 +112,13 @@ def report_markdown(report: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     flow = report.get("gradient_flow")
     if isinstance(flow, Mapping):
         if flow.get("available", True):
-            lines += [f"Gradient flow: **{_text(flow.get('verdict', '?'))}** (loss {_text(flow.get('loss') or '?')}, "
+            lines += [f"Gradient flow: **{literal(flow.get('verdict', '?'))}** (loss {literal(flow.get('loss') or '?')}, "
                       f"first/last gradient-norm ratio {format_value(flow.get('first_to_last_ratio'))}, "
                       f"{flow.get('nonfinite', 0)} NaN/Inf gradients)", ""]
         else:
-            lines += [f"Gradient flow: not measured ({_text(flow.get('reason', ''))})", ""]
-    notes = [f"⚠️ {_text(w)}" for w in report.get("warnings") or []]
-    notes += [f"not analysed: {_code(u['name'])} ({_text(u['reason'])})" for u in report.get("unanalysed") or []]
+            lines += [f"Gradient flow: not measured ({literal(flow.get('reason', ''))})", ""]
+    notes = [f"⚠️ {literal(w)}" for w in report.get("warnings") or []]
+    notes += [f"not analysed: {code_span(u['name'])} ({literal(u['reason'])})" for u in report.get("unanalysed") or []]
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
     lines += gates_markdown(report.get("gates") or [])
@@ -134,7 +134,7 @@ def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
     """Changed, added and removed sites (capped), the model-wide change, gates."""
     summary = diff["summary"]
     base_s, new_s, delta_s = summary["base"], summary["new"], summary["delta"]
-    lines = [f"### reluscope diff: {_code(diff['base']['path'])} → {_code(diff['new']['path'])}", ""]
+    lines = [f"### reluscope diff: {code_span(diff['base']['path'])} → {code_span(diff['new']['path'])}", ""]
     dead_delta = delta_s.get("dead_units")
     lines.append(f"**Dead units: {arrow(base_s.get('dead_units'), new_s.get('dead_units'))}"
                  f" ({_signed(dead_delta)})**, dead share "
@@ -155,14 +155,14 @@ def diff_markdown(diff: Mapping[str, Any], max_rows: int = MAX_ROWS) -> str:
             detail = ", ".join(x for x in (f"+{len(newly)} newly dead" if newly else "",
                                            f"{len(revived)} revived" if revived else "") if x)
             rows.append([
-                _code(site["name"]), site["status"], arrow(b.get("dead_units"), n.get("dead_units")),
+                code_span(site["name"]), site["status"], arrow(b.get("dead_units"), n.get("dead_units")),
                 _signed(d.get("dead_units")),
                 arrow(b.get("zero_fraction"), n.get("zero_fraction"), shown_as("zero_fraction")),
                 _signed(d.get("zero_fraction"), pct=True),
                 arrow(b.get("min"), n.get("min"), shown_as("min")), arrow(b.get("max"), n.get("max"), shown_as("max")),
                 detail,
             ])
-        lines += _table(["site", "status", "dead", "Δ dead", "zero %", "Δ zero", "min", "max", "unit changes"],
+        lines += table_lines(["site", "status", "dead", "Δ dead", "zero %", "Δ zero", "min", "max", "unit changes"],
                         ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---"], rows)
         if len(interesting) > max_rows:
             lines += ["", f"_Showing {max_rows} of {len(interesting)} changed sites; `-f json` has all of them._"]

@@ -103,17 +103,17 @@ class PruneMarkdownFormat:
     step_summary = True
 
     def render(self, document: Mapping[str, Any]) -> str:
-        from .markdown import _code, _table, _text
+        from .markdown import code_span, literal, table_lines
 
         lines = ["## reluscope prune", ""]
-        lines += _table(["site", "op", "units", "after", "removed", "kept", "why kept"],
+        lines += table_lines(["site", "op", "units", "after", "removed", "kept", "why kept"],
                         ["---", "---", "--:", "--:", "--:", "--:", "---"],
-                        [[_code(site["name"]), site["op"], str(site["units_before"]), str(site["units_after"]),
-                          str(len(site["removed_units"])), str(len(site["kept_units"])), _text(_reasons(site))]
+                        [[code_span(site["name"]), site["op"], str(site["units_before"]), str(site["units_after"]),
+                          str(len(site["removed_units"])), str(len(site["kept_units"])), literal(_reasons(site))]
                          for site in document["sites"]])
-        lines += [""] + _table(["", "before", "after", "ratio"], ["---", "--:", "--:", "--:"],
+        lines += [""] + table_lines(["", "before", "after", "ratio"], ["---", "--:", "--:", "--:"],
                                [list(row) for row in _cost_rows(document)])
-        lines += ["", _text(verdict(document)), ""]
+        lines += ["", literal(verdict(document)), ""]
         return "\n".join(lines)
 
     def print(self, document: Mapping[str, Any]) -> None:
