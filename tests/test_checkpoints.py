@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import reluscope
 from reluscope.backends import detect_format

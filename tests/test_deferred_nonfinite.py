@@ -5,7 +5,6 @@ from the start (`NonfinitePolicy.MASKED`); a clean run, that of the CPU's per-ba
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 import reluscope
 from reluscope.cli import app
-from reluscope.errors import InputError
 
 runner = CliRunner()
 
