@@ -129,15 +129,17 @@ def _consumer_inputs(model: nn.Module, batches: list[Any]) -> dict[str, _Channel
         def record(_: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = args[0].detach().double()
-            x = x.movedim(_channel_axis(module), -1).reshape(-1, x.shape[_channel_axis(module)])
-            low, high, total = x.amin(0), x.amax(0), x.sum(0)
+            x = args[0].detach()
+            axis = _channel_axis(module) % x.dim()
+            others = tuple(d for d in range(x.dim()) if d != axis)  # reduced in place: no float64 copy of x
+            low, high = x.amin(others).double(), x.amax(others).double()
+            total, count = x.sum(others, dtype=torch.float64), x.numel() // max(x.shape[axis], 1)
             old = seen.get(name)
             if old is None:
-                seen[name] = _Channels(low, high, total, x.shape[0])
+                seen[name] = _Channels(low, high, total, count)
             elif old.low.shape == low.shape:
                 seen[name] = _Channels(torch.minimum(old.low, low), torch.maximum(old.high, high),
-                                       old.total + total, old.count + x.shape[0])
+                                       old.total + total, old.count + count)
         return record
 
     for name, module in model.named_modules():
