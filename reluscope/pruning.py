@@ -11,11 +11,13 @@ scale), else the prune fails and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ._version import __version__
 from .config import AnalyzeConfig
@@ -97,23 +99,42 @@ def run_prune(model: Any, data: Any, config: AnalyzeConfig, settings: PruneSetti
     analysis = measure(backend, source, config, started, progress=progress)
     batches = list(source.batches(config.batch_size, config.max_samples))
     candidates, rare = candidates_of(analysis.layers, settings)
-    pruning = backend.prune(PruneRequest(candidates, batches, settings.tolerance, rarely_active=rare))
-    passed = pruning.check.passed(settings.tolerance)
-    cost = {"before": backend.cost(backend.loaded.module, batches[0]),
-            "after": backend.cost(pruning.model, batches[0]) if passed else None}
-    payload = None
-    if passed and settings.output_suffix is not None and not settings.dry_run:
-        payload = backend.serialize(pruning.model, settings.output_suffix, batches[0])
-    report = build_report(analysis, backend, pruning, candidates, rare, cost, settings,
-                          seconds=time.perf_counter() - started)
+    with _pruner_for(backend, batches[0]) as (pruner, note):
+        pruning = pruner.prune(PruneRequest(candidates, batches, settings.tolerance, rarely_active=rare))
+        if note is not None:
+            pruning.notes.insert(0, note)
+        passed = pruning.check.passed(settings.tolerance)
+        cost = {"before": pruner.cost(pruner.loaded.module, batches[0]),
+                "after": pruner.cost(pruning.model, batches[0]) if passed else None}
+        payload = None
+        if passed and settings.output_suffix is not None and not settings.dry_run:
+            payload = pruner.serialize(pruning.model, settings.output_suffix, batches[0])
+    report = build_report(analysis, pruning, candidates, rare, cost, settings, seconds=time.perf_counter() - started)
     return PruneResult(pruning.model if passed else None, report, payload)
+
+
+@contextlib.contextmanager
+def _pruner_for(backend: "Backend", batch: Any) -> Iterator[tuple["Backend", str | None]]:
+    """The backend that prunes `backend`'s model: itself, or, for a model whose layers are compiled into
+    a graph, a backend for the export it hands over (opened from a temporary file), with a note saying so."""
+    handed = backend.prune_through(batch)
+    if handed is None:
+        yield backend, None
+        return
+    from .backends import open_model
+
+    payload, suffix, why = handed
+    with tempfile.TemporaryDirectory(prefix="reluscope-prune-") as folder:
+        path = Path(folder) / f"model{suffix}"
+        path.write_bytes(payload)
+        yield open_model(path), why
 
 
 def _ratio(after: float | None, before: float | None) -> float | None:
     return None if after is None or not before else after / before
 
 
-def build_report(analysis: "Report", backend: "Backend", pruning: "Pruning", candidates: dict[str, list[int]],
+def build_report(analysis: "Report", pruning: "Pruning", candidates: dict[str, list[int]],
                  rare: dict[str, list[int]], cost: dict[str, Any], settings: PruneSettings, *,
                  seconds: float) -> dict[str, Any]:
     from .report import SCHEMA_VERSION

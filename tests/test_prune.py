@@ -424,10 +424,25 @@ def test_bad_prune_options_are_one_line_and_exit_2(samples_dir: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("name", ["digits_mlp_dead.torchscript", "digits_mlp_dead.pt2"])
-def test_compiled_graphs_are_refused_with_what_to_prune_instead(samples_dir: Path, name: str) -> None:
-    result = invoke("prune", samples_dir / name, "--data", CALIB, "--dry-run", "--trust-checkpoint")
-    assert result.exit_code == 2
-    assert "prune the PyTorch model it came from" in result.output and "Traceback" not in result.output
+def test_compiled_graphs_are_pruned_through_their_onnx_export(samples_dir: Path, tmp_path: Path, name: str) -> None:
+    import onnxruntime as ort
+
+    target = tmp_path / "small.onnx"
+    result = invoke("prune", samples_dir / name, "--data", CALIB, "-o", target, "--trust-checkpoint", "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "pruned through its ONNX export" in report["warnings"][0]
+    _, from_state_dict = prune_json(samples_dir / "digits_mlp_dead.pt", arch_spec("digits_mlp"), "--dry-run")
+    assert [(s["name"], s["units_after"]) for s in report["sites"]] == \
+        [(s["name"], s["units_after"]) for s in from_state_dict["sites"]]
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(str(samples_dir / "digits_mlp_dead.onnx"), providers=["CPUExecutionProvider"])
+    for x in (calibration(), held_out_digits()):
+        want = original.run(None, {original.get_inputs()[0].name: x})[0]
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    refused = invoke("prune", samples_dir / name, "--data", CALIB, "-o", tmp_path / "small.pt2", "--trust-checkpoint")
+    assert refused.exit_code == 2 and "give -o a .onnx file" in refused.output
 
 
 def test_the_python_api_returns_a_pruned_copy_and_leaves_the_module_alone(samples_dir: Path) -> None:

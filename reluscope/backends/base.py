@@ -112,6 +112,12 @@ class Backend(abc.ABC):
         raise UsageError(f"reluscope prune cannot prune a {self.loaded.format} model; give a PyTorch state_dict "
                          "with --arch, a trusted pickled module, or an ONNX file")
 
+    def prune_through(self, batch: "Batch") -> tuple[bytes, str, str] | None:
+        """None when this backend prunes its model itself; else (the bytes of the model in a format another
+        backend prunes, that file's suffix, a note for the report): for models whose layers are compiled
+        into a graph. `batch` is an example input for exporters."""
+        return None
+
     def prune(self, request: PruneRequest) -> Pruning:
         """Remove `request.candidates` from a copy of the model, folding what they fed into the consumers'
         biases, keeping coupled units that are not removable everywhere, and verifying the outputs."""

@@ -42,12 +42,28 @@ class TorchBackend(Backend):
         kind = "torchscript" if isinstance(module, torch.jit.ScriptModule) else "torch-module"
         return cls(LoadedModel(module, kind), **options)
 
+    def _compiled(self) -> str | None:
+        """What kind of compiled graph the model is (its layers are not modules to cut), or None."""
+        if isinstance(self.loaded.module, torch.jit.ScriptModule):
+            return "TorchScript"
+        return "torch.export (.pt2)" if self.loaded.format == "torch-export" else None
+
     def check_prunable(self, suffix: str | None) -> None:
-        module = self.loaded.module
-        if isinstance(module, torch.jit.ScriptModule) or self.loaded.format == "torch-export":
-            what = "TorchScript" if isinstance(module, torch.jit.ScriptModule) else "torch.export (.pt2)"
-            raise UsageError(f"reluscope prune cannot prune a {what} model: its layers are compiled into a graph; "
-                             "prune the PyTorch model it came from (a state_dict with --arch), or its ONNX export")
+        compiled = self._compiled()
+        if compiled is not None and suffix not in (None, ".onnx"):
+            raise UsageError(f"a {compiled} model is pruned through its ONNX export, so the pruned model is ONNX: "
+                             f"give -o a .onnx file (not {suffix}), or prune the PyTorch model it came from (a "
+                             "state_dict with --arch) to write .pt or .pt2")
+
+    def prune_through(self, batch: Any) -> tuple[bytes, str, str] | None:
+        compiled = self._compiled()
+        if compiled is None:
+            return None
+        from .prune import compiled_to_onnx
+
+        return (compiled_to_onnx(self.loaded.module, batch), ".onnx",
+                f"the {compiled} model was pruned through its ONNX export (the same sites, by name); the pruned "
+                "model is ONNX")
 
     def prune(self, request: PruneRequest) -> Pruning:
         from .prune import prune_module

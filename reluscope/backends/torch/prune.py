@@ -487,6 +487,33 @@ def serialize(model: nn.Module, suffix: str, batch: Any) -> bytes:
     return buffer.getvalue()
 
 
+def compiled_to_onnx(module: Any, batch: Any) -> bytes:
+    """A TorchScript module (through the TorchScript exporter) or a torch.export graph (through the dynamo
+    exporter) as the bytes of an ONNX file that takes any batch size."""
+    example = input_caster(module, [])(to_device(batch.inputs, _CPU))
+    if isinstance(example, dict):
+        raise UsageError("reluscope prune cannot export a compiled model that takes named inputs; prune the PyTorch "
+                         "model it came from")
+    args = tuple(example)
+    try:
+        if not isinstance(module, torch.jit.ScriptModule):
+            return _onnx_bytes(module, args, {})
+        import warnings
+
+        names = [f"input_{i}" for i in range(len(args))]
+        with tempfile.TemporaryDirectory(prefix="reluscope-") as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = Path(folder) / "model.onnx"
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
+                              dynamic_axes={name: {0: "batch"} for name in names})
+            return path.read_bytes()
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many types
+        raise InputError(f"cannot export the model to ONNX to prune it: {first_line(exc)}; prune the PyTorch model "
+                         "it came from (a state_dict with --arch)") from exc
+
+
 def _onnx_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     import logging
     import warnings
