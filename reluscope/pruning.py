@@ -6,7 +6,7 @@ its output is exactly 0 on every calibration sample), or, with `include_rarely_a
 active there (not exact: the verification decides). The backend removes what it can remove
 exactly (Backend.prune) and keeps the rest with a reason; the outputs of the original and the
 pruned model on the calibration data must agree within `tolerance` (relative to the output
-scale), else the prune fails and nothing is written.
+scale), else the prune fails and no model is written.
 """
 
 from __future__ import annotations
