@@ -328,7 +328,12 @@ def prune_command(
             raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
         from .pruning import run_prune
 
-        result = in_worker(lambda: run_prune(model, opts["data"], config, settings), timeout)
+        if quiet or not sys.stderr.isatty():
+            result = in_worker(lambda: run_prune(model, opts["data"], config, settings), timeout)
+        else:  # on a terminal: which step is running (pruning a large model takes a while)
+            with err_console.status("analysing") as status:
+                result = in_worker(lambda: run_prune(model, opts["data"], config, settings,
+                                                     on_stage=lambda name: status.update(name)), timeout)
         from .present.prune import emit_prune
 
         return emit_prune(result, opts["output_format"], model_file=targets["-o"], report_file=report_file,

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ._version import __version__
 from .config import AnalyzeConfig
@@ -85,8 +85,11 @@ def candidates_of(layers: Sequence[dict[str, Any]], settings: PruneSettings
 
 
 def run_prune(model: Any, data: Any, config: AnalyzeConfig, settings: PruneSettings, *,
-              progress: "ProgressCallback | None" = None) -> PruneResult:
-    """The whole prune with validated options (the CLI's entry point; `reluscope.prune` wraps it)."""
+              progress: "ProgressCallback | None" = None,
+              on_stage: "Callable[[str], None] | None" = None) -> PruneResult:
+    """The whole prune with validated options (the CLI's entry point; `reluscope.prune` wraps it).
+    `progress` gets the samples of each analysed batch; `on_stage` the name of each step as it starts."""
+    stage = on_stage or (lambda name: None)
     from .api import measure, open_analysis
     from .backends.base import PruneRequest
 
@@ -96,18 +99,22 @@ def run_prune(model: Any, data: Any, config: AnalyzeConfig, settings: PruneSetti
     if not source.replayable:
         raise UsageError("reluscope prune reads the calibration data several times (analysis, folding, "
                          "verification); give arrays, a file or a list of batches, not a one-pass iterator")
+    stage("analysing")
     analysis = measure(backend, source, config, started, progress=progress)
     batches = list(source.batches(config.batch_size, config.max_samples))
     candidates, rare = candidates_of(analysis.layers, settings)
     with _pruner_for(backend, batches[0]) as (pruner, note):
+        stage("pruning and verifying")
         pruning = pruner.prune(PruneRequest(candidates, batches, settings.tolerance, rarely_active=rare))
         if note is not None:
             pruning.notes.insert(0, note)
         passed = pruning.check.passed(settings.tolerance)
+        stage("measuring the cost")
         cost = {"before": pruner.cost(pruner.loaded.module, batches[0]),
                 "after": pruner.cost(pruning.model, batches[0]) if passed else None}
         payload = None
         if passed and settings.output_suffix is not None and not settings.dry_run:
+            stage("saving")
             payload = pruner.serialize(pruning.model, settings.output_suffix, batches[0])
     report = build_report(analysis, pruning, candidates, rare, cost, settings, seconds=time.perf_counter() - started)
     return PruneResult(pruning.model if passed else None, report, payload)
