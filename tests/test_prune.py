@@ -559,3 +559,16 @@ def test_the_pruned_model_never_replaces_a_link_or_the_model_itself(samples_dir:
     assert itself.exit_code == 2 and "Traceback" not in itself.output
     same = invoke(*base, "-o", tmp_path / "x.onnx", "--report", tmp_path / "x.onnx")
     assert same.exit_code == 2 and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_pt2_with_a_fixed_batch_size_is_pruned_through_onnx_in_chunks(samples_dir: Path, tmp_path: Path) -> None:
+    from reluscope.backends import load_model
+
+    module = load_model(samples_dir / "digits_mlp_dead.pt", arch=arch_spec("digits_mlp")).module.eval()
+    fixed = tmp_path / "fixed4.pt2"
+    torch.export.save(torch.export.export(module, (torch.zeros(4, 1, 8, 8),)), fixed)
+    result = invoke("prune", fixed, "--data", CALIB, "-o", tmp_path / "small.onnx", "-f", "json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["summary"]["removed_units"] == 103 and report["verification"]["max_abs_diff"] <= 1e-6
+    assert "Traceback" not in result.output

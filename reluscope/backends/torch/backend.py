@@ -20,7 +20,7 @@ from .session import TorchSession
 from .torchscript import ScriptCapture
 from .devices import as_tensor, prepared_module, resolve_device, to_device
 from .gradients import ParameterGradients, trainable
-from .inputs import _exported_inputs, input_caster
+from .inputs import fixed_batch_size, input_caster
 from .routes import choose_reduction
 
 
@@ -172,16 +172,6 @@ class TorchBackend(Backend):
             if world.active:
                 parameter_grads.all_reduce()
             return {"available": True, **parameter_grads.to_dict()} if parameter_grads.batches else None
-
-
-def fixed_batch_size(module: Any) -> int | None:
-    """The batch size a torch.export graph was exported with, where it is fixed (not a dynamic Dim)."""
-    specs = _exported_inputs(module)
-    firsts = {dims[0] if dims else None for _, dims, _ in specs or ()}
-    if len(firsts) != 1:
-        return None
-    first = next(iter(firsts))
-    return first if isinstance(first, int) and first > 0 else None
 
 
 def _fit_batch(inputs: Any, mask: torch.Tensor | None, labels: Any, rows: int, fixed: int | None, run: Run,

@@ -39,6 +39,16 @@ def _exported_inputs(module: Any) -> list[tuple[str, tuple[int | None, ...], Any
     return specs or None
 
 
+def fixed_batch_size(module: Any) -> int | None:
+    """The batch size a torch.export graph was exported with, where it is fixed (not a dynamic Dim)."""
+    specs = _exported_inputs(module)
+    firsts = {dims[0] if dims else None for _, dims, _ in specs or ()}
+    if len(firsts) != 1:
+        return None
+    first = next(iter(firsts))
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def expectation(module: Any, shapes: list[tuple[int, ...]]) -> str | None:
     """What the model expects, when that is cheap to know and disagrees with the data: an exported
     graph's input shapes, else the in_features/in_channels of a first Linear/Conv layer."""

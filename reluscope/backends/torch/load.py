@@ -117,7 +117,7 @@ def _load_export(path: Path, *, trust_checkpoint: bool) -> LoadedModel:
     # Unless trusted, the archive is checked before torch reads it, and every torch.load inside
     # is forced to weights_only as a second line.
     try:
-        with _EXPORT_LOAD_LOCK, _torch_export_logs() as logged, \
+        with _EXPORT_LOAD_LOCK, torch_export_logs() as logged, \
                 contextlib.nullcontext() if trust_checkpoint else _weights_only_loads():
             if not trust_checkpoint:
                 check_pt2(path)
@@ -145,7 +145,7 @@ class _Collect(logging.Handler):
 
 
 @contextlib.contextmanager
-def _torch_export_logs() -> Iterator[list[logging.LogRecord]]:
+def torch_export_logs() -> Iterator[list[logging.LogRecord]]:
     """torch.export's log records kept instead of printed: with no logging configured, Python prints
     them to stderr, tracebacks included, and a bad input must end in one line."""
     handler = _Collect()

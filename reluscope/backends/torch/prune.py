@@ -40,8 +40,8 @@ from ...measure.sites import call_names
 from ..base import PruneRequest, Pruning
 from .capture import TorchCapture
 from .devices import prepared_module, to_device
-from .inputs import input_caster
-from .load import PRUNED_KEY
+from .inputs import fixed_batch_size, input_caster
+from .load import PRUNED_KEY, torch_export_logs
 
 _CPU = torch.device("cpu")
 _PER_UNIT = (nn.modules.batchnorm._BatchNorm, nn.PReLU)  # one parameter per unit: sliced with it
@@ -472,10 +472,11 @@ def serialize(model: nn.Module, suffix: str, batch: Any) -> bytes:
         if suffix == ".pt":
             torch.save({PRUNED_KEY: __version__, "state_dict": module.state_dict()}, buffer)
         elif suffix == ".pt2":
-            exported = torch.export.export(module, args, kwargs, dynamic_shapes=_any_batch(args, kwargs))
+            with torch_export_logs():
+                exported = torch.export.export(module, args, kwargs, dynamic_shapes=_any_batch(args, kwargs))
             torch.export.save(exported, buffer)
         elif suffix == ".onnx":
-            return _onnx_bytes(module, args, kwargs)
+            return _onnx_bytes(module, args, kwargs, _any_batch(args, kwargs))
         else:
             raise UsageError(f"cannot write a pruned PyTorch model as {suffix or 'a file without a suffix'}; "
                              "give -o a .pt, .pt2 or .onnx file")
@@ -489,7 +490,7 @@ def serialize(model: nn.Module, suffix: str, batch: Any) -> bytes:
 
 def compiled_to_onnx(module: Any, batch: Any) -> bytes:
     """A TorchScript module (through the TorchScript exporter) or a torch.export graph (through the dynamo
-    exporter) as the bytes of an ONNX file that takes any batch size."""
+    exporter) as the bytes of an ONNX file: with any batch size, or the graph's own where it is fixed."""
     example = input_caster(module, [])(to_device(batch.inputs, _CPU))
     if isinstance(example, dict):
         raise UsageError("reluscope prune cannot export a compiled model that takes named inputs; prune the PyTorch "
@@ -497,7 +498,10 @@ def compiled_to_onnx(module: Any, batch: Any) -> bytes:
     args = tuple(example)
     try:
         if not isinstance(module, torch.jit.ScriptModule):
-            return _onnx_bytes(module, args, {})
+            fixed = fixed_batch_size(module)
+            if fixed is None:
+                return _onnx_bytes(module, args, {}, _any_batch(args, {}))
+            return _onnx_bytes(module, tuple(_rows(a, fixed) for a in args), {}, None)
         import warnings
 
         names = [f"input_{i}" for i in range(len(args))]
@@ -514,14 +518,23 @@ def compiled_to_onnx(module: Any, batch: Any) -> bytes:
                          "it came from (a state_dict with --arch)") from exc
 
 
-def _onnx_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def _rows(tensor: Any, count: int) -> Any:
+    """`count` rows of a batched input (repeated when it has fewer): an example for a fixed-batch graph."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.dim():
+        return tensor
+    while len(tensor) < count:
+        tensor = torch.cat([tensor, tensor])
+    return tensor[:count]
+
+
+def _onnx_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> bytes:
     import logging
     import warnings
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="reluscope-") as folder, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="reluscope-") as folder, warnings.catch_warnings(), torch_export_logs():
         warnings.simplefilter("ignore")
         path = Path(folder) / "pruned.onnx"
         torch.onnx.export(module, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
-                          verbose=False, dynamic_shapes=_any_batch(args, kwargs))
+                          verbose=False, dynamic_shapes=dynamic_shapes)
         return path.read_bytes()
