@@ -306,15 +306,13 @@ def prune_command(
 
     def body() -> int:
         from .config import AnalyzeConfig
-        from .options import ANALYSIS_OPTIONS
         from .output import check_distinct_outputs, check_writable
         from .pruning import PruneSettings
 
         opts = _with_settings(ctx, options, _load_settings(options["config_file"], options["no_config"]).analyze)
         if output is None and not opts["dry_run"]:
             raise UsageError("give -o FILE for the pruned model (.pt, .pt2 or .onnx), or --dry-run to report only")
-        config = AnalyzeConfig.from_cli({**{o.name: o.default for o in ANALYSIS_OPTIONS},
-                                         **{k: v for k, v in opts.items() if k in {o.name for o in ANALYSIS_OPTIONS}}})
+        config = AnalyzeConfig.from_cli(opts)
         settings = PruneSettings(tolerance=opts["tolerance"], sites=tuple(opts["sites"] or ()),
                                  include_rarely_active=opts["include_rarely_active"], dry_run=opts["dry_run"],
                                  output_suffix=None if output is None else output.suffix.lower())

@@ -41,8 +41,9 @@ def _validate(self: Any) -> None:
 
 
 def _from_cli(cls: type, values: Mapping[str, Any]) -> Any:
-    """The config from the command's option values (after the config file filled in)."""
-    return cls(**{o.name: o.from_cli(values[o.name]) for o in ANALYSIS_OPTIONS})
+    """The config from the command's option values (after the config file filled in); an analysis option the
+    command does not offer (`prune` has no --gradients) takes its default."""
+    return cls(**{o.name: o.from_cli(values.get(o.name, o.default)) for o in ANALYSIS_OPTIONS})
 
 
 def _from_keywords(cls: type, options: Mapping[str, Any]) -> Any:

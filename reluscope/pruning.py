@@ -59,10 +59,6 @@ class PruneResult:
     report: dict[str, Any]
     payload: bytes | None = None
 
-    @property
-    def passed(self) -> bool:
-        return bool(self.report["verification"]["passed"])
-
 
 def candidates_of(layers: Sequence[dict[str, Any]], settings: PruneSettings
                   ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:

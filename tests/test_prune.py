@@ -572,3 +572,31 @@ def test_a_pt2_with_a_fixed_batch_size_is_pruned_through_onnx_in_chunks(samples_
     report = json.loads(result.stdout)
     assert report["summary"]["removed_units"] == 103 and report["verification"]["max_abs_diff"] <= 1e-6
     assert "Traceback" not in result.output
+
+
+def test_a_batchnorm_between_a_dead_unit_and_a_depthwise_convolution_needs_no_fold() -> None:
+    """relu -> BatchNorm -> depthwise conv: the unit's constant reaches the depthwise channel, which goes with
+    it (the coupled site after it is dead too); nothing is folded into the depthwise layer."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu1, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)
+            self.dw, self.relu2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU()
+            self.pw, self.head = nn.Conv2d(8, 4, 1), nn.Linear(256, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.relu2(self.dw(self.bn(self.relu1(self.conv(x)))))
+            return self.head(torch.flatten(self.pw(x), 1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.bias.uniform_(-0.5, 0.5)  # BatchNorm turns the dead unit's 0 into a nonzero constant
+        kill(model.conv, [3], bias=-10.0)
+        kill(model.dw, [3], bias=-1.0)  # ... which the depthwise channel, zeroed, cannot lift above 0
+    pruned, report = reluscope.prune(model, calibration())
+    assert sites(report)["relu1"]["removed_units"] == [3] and sites(report)["relu2"]["removed_units"] == [3]
+    assert report["verification"]["passed"] and pruned.dw.groups == pruned.dw.out_channels == 7

@@ -1,4 +1,4 @@
-"""The one path from a finished payload to the user, shared by `analyze` and `diff`.
+"""The one path from a finished payload to the user, shared by `analyze`, `diff` and `prune` (`deliver`).
 
 Payload on stdout (or atomically in `-o FILE`); warnings, the summary lines (sites, units and
 dead units, worst sites, sites not analysed; for a diff, the model-wide change and the added and
@@ -18,7 +18,7 @@ from rich.text import Text
 from ..errors import EXIT_GATE_FAILED, EXIT_OK
 from ..gate import failed
 from ..output import emit, write_together
-from . import OutputFormat, is_diff, to_format
+from . import Formatter, OutputFormat, is_diff, to_format
 from .cells import describe, visible
 
 
@@ -48,40 +48,48 @@ def gate_exit(gates: Sequence[Mapping[str, Any]]) -> int:
     return EXIT_GATE_FAILED if failed(gates) else EXIT_OK
 
 
-def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Path | None, junit: Path | None,
-                  quiet: bool, err: Console, also: Sequence[tuple[Path, str]] = (), bars: bool = True) -> int:
-    """Deliver a payload whose `gates` are evaluated; returns the exit code.
-
-    Everything is rendered first, then `-o`, `--junit` and the files in `also` (path, text: the
-    HTML page) are written together (all land or none does); only then does anything reach stdout
-    or stderr, so a write that fails ends with its one error line and nothing else."""
-    formatter = to_format(fmt, bars=bars)
+def deliver(document: Mapping[str, Any], formatter: Formatter, *, output: Path | None, err: Console,
+            also: Sequence[tuple[Path, str | bytes]] = ()) -> bool:
+    """Render the payload, write it to `output` (when given) together with the files in `also` (all land or
+    none does), then the warnings on stderr and the payload on stdout (unless it went to `output`); markdown
+    also goes to the GitHub step summary. Nothing reaches stdout or stderr before the writes succeeded, so a
+    write that fails ends with its one error line. Returns whether the payload was printed on a terminal."""
     on_terminal = formatter.terminal and output is None
     text = None if on_terminal else formatter.render(document)
-    files: list[tuple[Path, str]] = []
+    files: list[tuple[Path, str | bytes]] = []
     if output is not None:
         assert text is not None
         files.append((output, text))
-    if junit is not None:
-        from .junit import JUnitFormat
-
-        files.append((junit, JUnitFormat().render(document)))
     files.extend(also)
     write_together(files)
     for warning in document.get("warnings") or []:
         _warn(err, warning)
     if on_terminal:
         formatter.print(document)
-    else:
-        assert text is not None
-        if output is None:
-            emit(text, None)
-        if formatter.step_summary:
-            from .markdown import append_step_summary
+        return True
+    assert text is not None
+    if output is None:
+        emit(text, None)
+    if formatter.step_summary:
+        from .markdown import append_step_summary
 
-            problem = append_step_summary(text)
-            if problem:
-                _warn(err, problem)
+        problem = append_step_summary(text)
+        if problem:
+            _warn(err, problem)
+    return False
+
+
+def emit_document(document: Mapping[str, Any], fmt: OutputFormat, *, output: Path | None, junit: Path | None,
+                  quiet: bool, err: Console, also: Sequence[tuple[Path, str]] = (), bars: bool = True) -> int:
+    """Deliver a payload whose `gates` are evaluated (see `deliver`; `-o`, `--junit` and the files in
+    `also`, such as the HTML page, land together); returns the exit code."""
+    extra: list[tuple[Path, str | bytes]] = []
+    if junit is not None:
+        from .junit import JUnitFormat
+
+        extra.append((junit, JUnitFormat().render(document)))
+    extra.extend(also)
+    on_terminal = deliver(document, to_format(fmt, bars=bars), output=output, err=err, also=extra)
     if not quiet:  # the summary lines, whatever the payload's format and destination, wrapped to stderr's width
         from .table import diff_summary_text, summary_text
 

@@ -133,31 +133,14 @@ def emit_prune(result: Any, fmt: OutputFormat, *, model_file: Path | None, repor
     """Write the pruned model and the report file together (both land or neither does), then the payload on
     stdout, warnings and the verdict on stderr; the exit code: 0, or 1 when the verification failed."""
     from ..errors import EXIT_GATE_FAILED, EXIT_OK
-    from ..output import emit, write_together
+    from .emit import deliver
 
     document = result.report
     files: list[tuple[Path, str | bytes]] = []
     if model_file is not None and result.payload is not None:
         document["output"].update(path=str(model_file), written=True)
         files.append((model_file, result.payload))
-    formatter = prune_format(fmt)
-    on_terminal = formatter.terminal and report_file is None
-    text = None if on_terminal else formatter.render(document)
-    if report_file is not None:
-        assert text is not None
-        files.append((report_file, text))
-    write_together(files)
-    for warning in document.get("warnings") or []:
-        err.print(Text.assemble(("warning:", "bold yellow"), " ", visible(warning)), highlight=False, soft_wrap=True)
-    if on_terminal:
-        formatter.print(document)
-    elif report_file is None:
-        assert text is not None
-        emit(text, None)
-        if formatter.step_summary:
-            from .markdown import append_step_summary
-
-            append_step_summary(text)
+    on_terminal = deliver(document, prune_format(fmt), output=report_file, err=err, also=files)
     passed = document["verification"]["passed"]
     if not passed:
         err.print(Text.assemble(("error:", "bold red"), " ", visible(verdict(document))), highlight=False,

@@ -804,16 +804,25 @@ class _Exposer:
         return outer
 
 
-def _subgraph_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Elem types of the tensors inside subgraphs, from shape inference of a copy without large weights."""
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with onnx's shape inference applied, on a copy without its large weights' values (inference
+    needs their shapes only); None where inference fails (custom ops, odd graphs)."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for tensor in skeleton.graph.initializer:
         if math.prod(tensor.dims) > 1024:
             tensor.ClearField("raw_data")
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
-    except Exception:  # noqa: BLE001 - custom ops and odd graphs: the default (float) then
+        return onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # noqa: BLE001 - onnx raises several types for graphs it cannot infer
+        return None
+
+
+def _subgraph_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Elem types of the tensors inside subgraphs, from shape inference (none known where it fails: the
+    default, float, then)."""
+    inferred = infer_shapes(model)
+    if inferred is None:
         return {}
     types: dict[str, int] = {}
 

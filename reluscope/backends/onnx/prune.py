@@ -24,9 +24,9 @@ from ...measure.outputs import OutputCheck, compare
 from ...measure.sites import resolve_unit_axis
 from ..base import LoadedModel, PruneRequest, Pruning
 from .channels import ChannelGraph, Segment, attribute, describe
-from .graph import OnnxSite, default_opset, find_sites, inline_constant_ifs, true_inputs
+from .graph import OnnxSite, default_opset, find_sites, infer_shapes, inline_constant_ifs, true_inputs
 from .removal import Fold, RemovalError, remove_units, unit_features
-from .session import fixed_batch_chunks, graph_feeds, infer_shapes, open_session, working_copy
+from .session import fixed_batch_chunks, graph_feeds, open_session, working_copy
 
 if TYPE_CHECKING:
     from ...data import Batch

@@ -37,7 +37,8 @@ from ...measure.sites import resolve_unit_axis
 from ...data import is_tensor
 from ...measure.stats import SiteStats
 from ..base import Session
-from .graph import _NEVER_RAN, OnnxSite, default_opset, find_sites, free_prefix, inline_functions, true_inputs
+from .graph import (_NEVER_RAN, OnnxSite, default_opset, find_sites, free_prefix, infer_shapes, inline_functions,
+                    true_inputs)
 
 # ORT_ENABLE_ALL: what deployed sessions run, and the fastest level (benchmarks/README.md).
 # No optimization can hide a site: each site tensor is a graph output, which onnxruntime must produce.
@@ -146,20 +147,6 @@ def _tensor_types(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, tup
         return types  # exporters such as torch.onnx's dynamo path record every tensor's type
     inferred = infer_shapes(model)
     return types if inferred is None else known(inferred)
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """`model` with onnx's shape inference applied, on a copy without its large weights' values (inference
-    needs their shapes only); None where inference fails (custom ops, odd graphs)."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for tensor in skeleton.graph.initializer:
-        if math.prod(tensor.dims) > 1024:
-            tensor.ClearField("raw_data")
-    try:
-        return onnx.shape_inference.infer_shapes(skeleton)
-    except Exception:  # noqa: BLE001 - onnx raises several types for graphs it cannot infer
-        return None
 
 
 def _extend(model: onnx.ModelProto, sites: list[OnnxSite], recorder: SiteRecorder) -> list[_Plan]:

@@ -181,6 +181,15 @@ class _Plan:
         self.kept.setdefault(site, {}).setdefault(unit, reason)
 
 
+def _cuts_inputs(graph: Any, item: Any) -> bool:
+    """Whether a group item cuts input channels of a layer that reads the units (a consumer: what it loses
+    is folded into its bias, or stops the unit), rather than slicing a producer, an op that passes units
+    through, a per-unit layer or a depthwise convolution, which lose nothing the outputs need."""
+    module = item.dep.target.module
+    return graph.is_in_channel_pruning_fn(item.dep.handler) and not _traced_op(module) and \
+        not isinstance(module, _PER_UNIT) and not _depthwise(module)
+
+
 def _depthwise(module: Any) -> bool:
     """A depthwise convolution maps unit i to unit i: its units are coupled to its input's, and the coupled
     site after it decides."""
@@ -231,7 +240,7 @@ def _plan(traced: _Traced, candidates: dict[str, list[int]], inputs: dict[str, _
                     why[root] = reason
 
         for item in group:
-            target, handler = item.dep.target, item.dep.handler
+            target = item.dep.target
             module = target.module
             pairs = list(zip(item.idxs, item.root_idxs))
             if isinstance(module, tp.ops._OutputOp):
@@ -253,8 +262,7 @@ def _plan(traced: _Traced, candidates: dict[str, list[int]], inputs: dict[str, _
                 drop(todo, f"feeds {type(module).__name__} {_layer_name(traced, module)}, which normalizes across "
                            "units")
                 continue
-            if not graph.is_in_channel_pruning_fn(handler) or _traced_op(module) or isinstance(module, _PER_UNIT) \
-                    or _depthwise(module):
+            if not _cuts_inputs(graph, item):
                 continue  # producers, ops that pass units through, per-unit layers: sliced along, nothing lost
             layer = _layer_name(traced, module)
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -302,9 +310,8 @@ def _fold(traced: _Traced, group: Any, inputs: dict[str, _Channels]) -> None:
     graph = traced.graph
     for item in group:
         module = item.dep.target.module
-        if not graph.is_in_channel_pruning_fn(item.dep.handler) or \
-                not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
+        if not _cuts_inputs(graph, item):
+            continue  # the plan kept every unit that reaches any other reader, so this is a Conv or Linear
         layer = _layer_name(traced, module)
         seen = inputs[layer]
         values = torch.tensor([seen.mean(i) for i in item.idxs], dtype=torch.float64)
@@ -443,8 +450,7 @@ def cost(model: nn.Module, batch: Any) -> dict[str, Any]:
             counter = FlopCounterMode(display=False)
             with counter:
                 _call(module, inputs)
-            with torch.no_grad():
-                latency = median_seconds(lambda: _call(module, inputs))
+            latency = median_seconds(lambda: _call(module, inputs))
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "macs": counter.get_total_flops() // 2 // max(batch.size, 1),
             "latency_ms": latency * 1e3}
